@@ -1,0 +1,60 @@
+"""The `munit` torch.compile backend: Dynamo graph → munit pipeline → aot_autograd + Inductor.
+
+    torch.compile(model, backend="munit")                          # defaults
+    torch.compile(model, backend=munit.backend(munit.Config(...)))  # configured
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.fx as fx
+
+import munit_compile.ops  # noqa: F401  (registers the munit:: custom ops)
+from munit_compile.config import Config
+from munit_compile.pipeline import CompileReport, run_pipeline
+
+
+def _inductor(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _aot_eager(gm, example_inputs):
+    from torch._dynamo.backends.debugging import aot_eager
+
+    return aot_eager(gm, example_inputs)
+
+
+INNER_COMPILERS = {"inductor": _inductor, "aot_eager": _aot_eager}
+
+
+class MunitBackend:
+    """A configured munit backend; `reports` holds one CompileReport per graph it compiled."""
+
+    def __init__(self, config: Config | None = None):
+        if config is not None and not isinstance(config, Config):
+            raise ValueError(f"munit.backend expects a munit.Config, got {type(config).__name__}")
+        self.config = config or Config()
+        self.reports: list[CompileReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
+        gm, report = run_pipeline(gm, example_inputs, self.config)
+        self.reports.append(report)
+        return INNER_COMPILERS[self.config.inner_compiler](gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"MunitBackend({self.config})"
+
+
+def backend(config: Config | None = None) -> MunitBackend:
+    """A torch.compile backend using `config` (defaults when None)."""
+    return MunitBackend(config)
+
+
+def munit_backend(gm: fx.GraphModule, example_inputs: Sequence):
+    """The `backend="munit"` entry point: the default configuration."""
+    return _DEFAULT(gm, example_inputs)
+
+
+_DEFAULT = MunitBackend()

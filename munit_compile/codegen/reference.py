@@ -1,0 +1,44 @@
+"""Exact reference implementations of munit's fused ops (any device; the CPU path).
+
+Each function states the math it computes; the Triton kernels must agree with these bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from munit_compile.ops.formats import cast_fp8
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    b_t: torch.Tensor,
+    a_scale: float,
+    b_scale: float,
+    a_format: str,
+    b_format: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """out[M,N] = (q(a·s_a) @ q(b_t·s_b)ᵀ) / (s_a·s_b), fp32 accumulation, rounded once to out_dtype.
+
+    a is [M,K], b_t is [N,K] ("TN": both K-major, as Hopper FP8 wgmma wants), q() the saturating FP8 cast.
+    """
+    a_fp8 = cast_fp8(a, a_format, a_scale)
+    b_fp8 = cast_fp8(b_t, b_format, b_scale)
+    acc = a_fp8.to(torch.float32) @ b_fp8.to(torch.float32).t()
+    return (acc * (1.0 / (a_scale * b_scale))).to(out_dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    w_scale: float,
+    fwd_format: str,
+) -> torch.Tensor:
+    """y = q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias, fp32 accumulate and bias add, output in x.dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    acc = fp8_gemm(x2, w, x_scale, w_scale, fwd_format, fwd_format, torch.float32)
+    if bias is not None:
+        acc = acc + bias.to(torch.float32)
+    return acc.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

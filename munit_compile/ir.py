@@ -1,0 +1,50 @@
+"""The graph view every munit pass shares: pre-dispatch ATen FX graphs plus `node.meta` keys.
+
+Invariants after every pass: each tensor-producing node has `meta["val"]` (a fake tensor with the
+node's shape and dtype); munit annotations live only under the keys below.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+
+META_FWD = "munit_fwd"        # forward statistics of the node's value (a passes.variance Value)
+META_BWD = "munit_bwd"        # statistics of d(loss)/d(node) (a Value, or absent if no gradient flows)
+META_PLAN = "munit_fp8_plan"  # the FP8 decision for a GEMM node (a passes.fp8_plan GemmDecision)
+META_ROLE = "munit_role"      # placeholders: "parameter" | "buffer" | "input"
+
+aten = torch.ops.aten
+
+
+def fake_value(node: fx.Node):
+    """The node's fake tensor (or tuple of them), from tracing; None for non-tensor nodes."""
+    return node.meta.get("val")
+
+
+def tensor_of(arg) -> torch.Tensor | None:
+    """The fake tensor of a node argument, or None if the argument is not a tensor node."""
+    if isinstance(arg, fx.Node):
+        val = arg.meta.get("val")
+        return val if isinstance(val, torch.Tensor) else None
+    return None
+
+
+def call_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    """The graph's call_function nodes, in topological order."""
+    return (n for n in gm.graph.nodes if n.op == "call_function")
+
+
+def op_name(target) -> str:
+    """A readable name for a node target: `aten.linear.default`, `munit.fp8_linear.default`, ..."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,1 @@
+"""munit's graph passes: each is `GraphModule -> GraphModule` (or annotates `node.meta`)."""

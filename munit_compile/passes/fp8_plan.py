@@ -1,0 +1,207 @@
+"""Choose static FP8 casts for every eligible GEMM and rewrite it into `munit::fp8_linear`.
+
+    before: linear = aten.linear.default(x, w, b)                      # or addmm(b, x, w_kn) (GPT-2 Conv1D)
+    after:  linear = munit.fp8_linear.default(x, w, b, s_x, s_w, s_g, "e4m3", "e5m2")
+
+Eligibility is a table of checks, each returning None (fine) or the reason the GEMM stays in high
+precision. Scales are s = 2^round(−log2 rms): activations and gradients from the variance analysis,
+weights from the parameter's measured σ at compile time.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from munit_compile.config import Config
+from munit_compile.ir import META_BWD, META_FWD, META_PLAN, META_ROLE, tensor_of
+from munit_compile.ops.formats import power_of_two_scale
+from munit_compile.passes.rules.shape import PASS_THROUGH
+from munit_compile.passes.values import Moments, Unknown
+
+log = logging.getLogger("munit_compile")
+aten = torch.ops.aten
+
+FP8_ELIGIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GemmOperands:
+    """A GEMM seen as y = x @ wᵀ + bias, w being [n, k] (`w_transposed`: the graph holds w as [k, n])."""
+
+    x: fx.Node
+    w: fx.Node
+    bias: fx.Node | None
+    k: int
+    n: int
+    w_transposed: bool
+
+
+@dataclass(frozen=True)
+class GemmDecision:
+    """What the plan decided for one GEMM: FP8 with its static scales, or high precision and why."""
+
+    node: str
+    fp8: bool
+    reason: str = ""
+    x_format: str | None = None
+    x_scale: float | None = None
+    w_format: str | None = None
+    w_scale: float | None = None
+    grad_format: str | None = None
+    grad_scale: float | None = None
+
+
+def _linear_operands(node: fx.Node) -> GemmOperands | None:
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    n, k = tensor_of(w).shape
+    return GemmOperands(x, w, bias, int(k), int(n), w_transposed=False)
+
+
+def _addmm_operands(node: fx.Node) -> GemmOperands | None:
+    """addmm(b, x, w_kn) with β = α = 1 and a 1-D bias is a linear layer (transformers' Conv1D)."""
+    bias, x, w = node.args[0], node.args[1], node.args[2]
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    b = tensor_of(bias)
+    k, n = tensor_of(w).shape
+    if b is None or tuple(b.shape) != (n,):
+        return None
+    return GemmOperands(x, w, bias, int(k), int(n), w_transposed=True)
+
+
+GEMM_OPERANDS = {
+    aten.linear.default: _linear_operands,
+    aten.addmm.default: _addmm_operands,
+}
+
+
+# ---------------------------------------------------------------- eligibility checks
+
+def _check_dtype(g: GemmOperands, ctx) -> str | None:
+    dtypes = {tensor_of(g.x).dtype, tensor_of(g.w).dtype}
+    if not dtypes <= set(FP8_ELIGIBLE_DTYPES):
+        return f"dtype {sorted(map(str, dtypes))} is not float32/bfloat16/float16"
+    return None
+
+
+def _check_multiples(g: GemmOperands, ctx) -> str | None:
+    m = ctx.config.gemm_multiple
+    if g.k % m or g.n % m:
+        return f"shape not FP8-eligible: K={g.k} and N={g.n} must be multiples of {m}"
+    return None
+
+
+def _check_not_vocabulary(g: GemmOperands, ctx) -> str | None:
+    if g.w in ctx.embedding_tables:
+        return "LM head (weight tied to the embedding) stays in high precision"
+    if g.n in ctx.vocab_sizes and _feeds_output_or_loss(ctx.node):
+        return "LM head (N = vocabulary size, feeds the loss/logits) stays in high precision"
+    return None
+
+
+_LOSS_OPS = (aten.cross_entropy_loss.default, aten.log_softmax.int, aten._log_softmax.default)
+
+
+def _feeds_output_or_loss(node: fx.Node) -> bool:
+    """Whether `node` reaches a graph output or a loss through layout-only ops."""
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user.op == "output" or user.target in _LOSS_OPS:
+                return True
+            if user.target in PASS_THROUGH and user not in seen:
+                seen.add(user)
+                frontier.append(user)
+    return False
+
+
+def _check_weight_is_parameter(g: GemmOperands, ctx) -> str | None:
+    if g.w.op != "placeholder" or g.w.meta.get(META_ROLE) != "parameter":
+        return "weight is not a parameter (no static weight scale)"
+    return None
+
+
+def _check_scales_known(g: GemmOperands, ctx) -> str | None:
+    for what, value in (("input", g.x.meta.get(META_FWD)), ("weight", g.w.meta.get(META_FWD)),
+                        ("output gradient", ctx.node.meta.get(META_BWD))):
+        if isinstance(value, Unknown):
+            return f"{what} scale unknown: {value}"
+        if not isinstance(value, Moments) or not value.m2 > 0:
+            return f"{what} scale not predicted (no {'gradient reaches this GEMM' if what == 'output gradient' else 'statistics'})"
+    return None
+
+
+ELIGIBILITY_CHECKS = (
+    _check_dtype,
+    _check_multiples,
+    _check_not_vocabulary,
+    _check_weight_is_parameter,
+    _check_scales_known,
+)
+
+
+@dataclass
+class _CheckContext:
+    config: Config
+    embedding_tables: frozenset  # weight nodes of the graph's embeddings
+    vocab_sizes: frozenset       # their row counts
+    node: fx.Node | None = None
+
+    @staticmethod
+    def of(gm: fx.GraphModule, config: Config) -> "_CheckContext":
+        tables = frozenset(
+            n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default
+        )
+        return _CheckContext(config, tables, frozenset(int(tensor_of(t).shape[0]) for t in tables))
+
+
+def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:
+    """Rewrite eligible GEMMs in place; return one decision per GEMM (FP8 or why not)."""
+    ctx = _CheckContext.of(gm, config)
+    decisions = []
+    for node in list(gm.graph.nodes):
+        operands_of = GEMM_OPERANDS.get(node.target) if node.op == "call_function" else None
+        if operands_of is None:
+            continue
+        operands = operands_of(node)
+        ctx.node = node
+        reason = "not a plain linear layer" if operands is None else next(
+            (r for r in (check(operands, ctx) for check in ELIGIBILITY_CHECKS) if r), None
+        )
+        if not config.fp8:
+            reason = "FP8 disabled in Config (fp8=False)"
+        decision = GemmDecision(node.name, False, reason) if reason else _rewrite(gm, node, operands, config)
+        node.meta[META_PLAN] = decision
+        decisions.append(decision)
+    gm.graph.lint()
+    gm.recompile()
+    return decisions
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, config: Config) -> GemmDecision:
+    x_scale = power_of_two_scale(g.x.meta[META_FWD].rms)
+    w_scale = power_of_two_scale(g.w.meta[META_FWD].rms)
+    grad_scale = power_of_two_scale(node.meta[META_BWD].rms)
+    with gm.graph.inserting_before(node):
+        w = g.w
+        if g.w_transposed:
+            w = gm.graph.call_function(aten.t.default, (g.w,))
+            w.meta["val"] = tensor_of(g.w).t()
+            w.meta[META_FWD] = g.w.meta[META_FWD]
+        fp8 = gm.graph.call_function(
+            torch.ops.munit.fp8_linear.default,
+            (g.x, w, g.bias, x_scale, w_scale, grad_scale, config.forward_format, config.grad_format),
+        )
+    fp8.meta.update(node.meta)
+    decision = GemmDecision(
+        node.name, True, "",
+        config.forward_format, x_scale, config.forward_format, w_scale, config.grad_format, grad_scale,
+    )
+    node.replace_all_uses_with(fp8)
+    gm.graph.erase_node(node)
+    return decision

@@ -1,0 +1,68 @@
+"""Pointwise nonlinearities: exact moments of f(X), X ~ N(μ, σ²), and E[f'(X)²] for the gradient."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from munit_compile.passes import gaussian
+from munit_compile.passes.rules import backward_rule, forward_rule, grad
+from munit_compile.passes.values import Moments
+
+aten = torch.ops.aten
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _activation(site):
+    """The torch function an activation node computes."""
+    target = site.node.target
+    if target is aten.gelu.default:
+        return _gelu_tanh if site.arg(1, "approximate", "none") == "tanh" else F.gelu
+    return _ACTIVATIONS[target]
+
+
+_ACTIVATIONS = {
+    aten.silu.default: F.silu,
+    aten.relu.default: torch.relu,
+    aten.tanh.default: torch.tanh,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.exp.default: torch.exp,
+}
+
+
+@forward_rule(aten.gelu.default, *_ACTIVATIONS)
+def activation(site):
+    """y = f(x): (E f(X), E f(X)²) by Gauss–Hermite quadrature (x taken as Gaussian with its μ, σ)."""
+    x = site.args[0]
+    mean, m2 = gaussian.moments(_activation(site), x.mean, x.std)
+    return Moments(mean, m2, gaussian=False, row_constant=x.row_constant)
+
+
+@backward_rule(aten.gelu.default, *_ACTIVATIONS)
+def activation_grad(site, g):
+    """dx = f'(x)·dy: m2 = E[f'(X)²]·m2(dy)."""
+    x = site.args[0]
+    return (grad(g.m2 * gaussian.grad_m2(_activation(site), x.mean, x.std)),)
+
+
+@forward_rule(aten.cos.default, aten.sin.default)
+def trig(site):
+    """cos/sin of N(μ,σ²): E cos = e^{−σ²/2} cos μ, E cos² = (1 + e^{−2σ²} cos 2μ)/2 (sin: sin, 1 − …)."""
+    x = site.args[0]
+    damp, damp2 = math.exp(-x.var / 2), math.exp(-2 * x.var)
+    if site.node.target is aten.cos.default:
+        return Moments(damp * math.cos(x.mean), (1 + damp2 * math.cos(2 * x.mean)) / 2, gaussian=False)
+    return Moments(damp * math.sin(x.mean), (1 - damp2 * math.cos(2 * x.mean)) / 2, gaussian=False)
+
+
+@backward_rule(aten.cos.default, aten.sin.default)
+def trig_grad(site, g):
+    """d cos = −sin·dy, d sin = cos·dy: m2 = E[sin²] or E[cos²] times m2(dy)."""
+    x = site.args[0]
+    damp2 = math.exp(-2 * x.var)
+    sign = 1 if site.node.target is aten.cos.default else -1
+    return (grad(g.m2 * (1 - sign * damp2 * math.cos(2 * x.mean)) / 2),)

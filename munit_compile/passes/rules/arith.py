@@ -1,0 +1,173 @@
+"""Sums, products, quotients and powers of independent operands (a Python scalar is a constant)."""
+from __future__ import annotations
+
+import torch
+
+from munit_compile.passes import gaussian
+from munit_compile.passes.rules import backward_rule, forward_rule, grad, scaled
+from munit_compile.passes.values import Moments, Unknown
+
+aten = torch.ops.aten
+
+
+def as_moments(v) -> Moments:
+    """A Python number as the Moments of a constant; Moments unchanged."""
+    return v if isinstance(v, Moments) else Moments.constant(float(v))
+
+
+def add_moments(a: Moments, b: Moments, alpha: float = 1.0) -> Moments:
+    """a + α·b, independent: μ = μa + αμb, m2 = m2a + α²m2b + 2αμaμb."""
+    return Moments(
+        a.mean + alpha * b.mean,
+        a.m2 + alpha * alpha * b.m2 + 2 * alpha * a.mean * b.mean,
+        gaussian=(a.gaussian or a.row_constant) and (b.gaussian or b.row_constant),
+        row_constant=a.row_constant and b.row_constant,
+    )
+
+
+def mul_moments(a: Moments, b: Moments) -> Moments:
+    """a·b, independent: μ = μaμb, m2 = m2a·m2b (Gaussian only if one factor is constant)."""
+    return Moments(
+        a.mean * b.mean,
+        a.m2 * b.m2,
+        gaussian=(a.gaussian and b.row_constant) or (b.gaussian and a.row_constant),
+        row_constant=a.row_constant and b.row_constant,
+    )
+
+
+def inverse_moments(b: Moments, power: float = 1.0) -> Moments | Unknown:
+    """b^(−power) for a (nearly) constant b; a varying denominator is not predictable here."""
+    if not b.row_constant or b.mean == 0:
+        return Unknown("aten.div", "division by a varying tensor")
+    c = b.mean ** (-power)
+    return Moments.constant(c)
+
+
+@forward_rule(aten.add.Tensor, aten.add.Scalar)
+def add(site):
+    """y = a + α·b."""
+    return add_moments(as_moments(site.args[0]), as_moments(site.args[1]), site.arg(2, "alpha", 1))
+
+
+@forward_rule(aten.sub.Tensor, aten.sub.Scalar)
+def sub(site):
+    """y = a − α·b."""
+    return add_moments(as_moments(site.args[0]), as_moments(site.args[1]), -site.arg(2, "alpha", 1))
+
+
+@forward_rule(aten.rsub.Scalar, aten.rsub.Tensor)
+def rsub(site):
+    """y = b − α·a."""
+    return add_moments(as_moments(site.args[1]), as_moments(site.args[0]), -site.arg(2, "alpha", 1))
+
+
+@backward_rule(aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+               aten.rsub.Scalar, aten.rsub.Tensor)
+def add_grad(site, g):
+    """da = dy, db = ±α·dy, each summed over its broadcast copies."""
+    alpha = site.arg(2, "alpha", 1)
+    scales = (1.0, alpha) if site.node.target not in (aten.rsub.Scalar, aten.rsub.Tensor) else (alpha, 1.0)
+    return tuple(
+        grad(g.m2 * s * s * site.broadcast_factor(i)) if isinstance(site.args[i], Moments) else None
+        for i, s in enumerate(scales)
+    )
+
+
+@forward_rule(aten.mul.Tensor, aten.mul.Scalar)
+def mul(site):
+    """y = a·b."""
+    return mul_moments(as_moments(site.args[0]), as_moments(site.args[1]))
+
+
+@backward_rule(aten.mul.Tensor, aten.mul.Scalar)
+def mul_grad(site, g):
+    """da = b·dy: m2 = m2b·m2(dy) (× broadcast), and symmetrically."""
+    a, b = as_moments(site.args[0]), as_moments(site.args[1])
+    return (
+        grad(g.m2 * b.m2 * site.broadcast_factor(0)) if isinstance(site.args[0], Moments) else None,
+        grad(g.m2 * a.m2 * site.broadcast_factor(1)) if isinstance(site.args[1], Moments) else None,
+    )
+
+
+@forward_rule(aten.div.Tensor, aten.div.Scalar)
+def div(site):
+    """y = a / b for a constant (or row-constant) b."""
+    inv = inverse_moments(as_moments(site.args[1]))
+    return inv if isinstance(inv, Unknown) else mul_moments(as_moments(site.args[0]), inv)
+
+
+@backward_rule(aten.div.Tensor, aten.div.Scalar)
+def div_grad(site, g):
+    """da = dy/b; db = −a·dy/b² (b constant): m2 = m2a·m2(dy)/b⁴ (× broadcast)."""
+    a, b = as_moments(site.args[0]), as_moments(site.args[1])
+    inv2 = 1.0 / (b.mean * b.mean)
+    return (
+        grad(g.m2 * inv2 * site.broadcast_factor(0)) if isinstance(site.args[0], Moments) else None,
+        grad(g.m2 * a.m2 * inv2 * inv2 * site.broadcast_factor(1)) if isinstance(site.args[1], Moments) else None,
+    )
+
+
+@forward_rule(aten.neg.default)
+def neg(site):
+    """y = −x."""
+    return scaled(site.args[0], -1.0)
+
+
+@backward_rule(aten.neg.default)
+def neg_grad(site, g):
+    """dx = −dy."""
+    return (g,)
+
+
+def _power(p: float):
+    return lambda x: torch.pow(x, p)
+
+
+@forward_rule(aten.pow.Tensor_Scalar)
+def pow_scalar(site):
+    """y = x^p: exact Gaussian integral of x^p (x constant: c^p)."""
+    x, p = site.args[0], float(site.args[1])
+    if x.row_constant:
+        return Moments.constant(x.mean ** p)
+    if p == 2:  # E[x²] and E[x⁴] = μ⁴ + 6μ²σ² + 3σ⁴ for Gaussian x
+        mu, var = x.mean, x.var
+        return Moments(x.m2, mu**4 + 6 * mu * mu * var + 3 * var * var, gaussian=False)
+    if not float(p).is_integer():
+        return Unknown("aten.pow", f"non-integer power {p} of a varying tensor")
+    mean, m2 = gaussian.moments(_power(p), x.mean, x.std)
+    return Moments(mean, m2, gaussian=False)
+
+
+@backward_rule(aten.pow.Tensor_Scalar)
+def pow_grad(site, g):
+    """dx = p·x^(p−1)·dy: m2 = E[(p x^(p−1))²]·m2(dy)."""
+    x, p = site.args[0], float(site.args[1])
+    if x.row_constant:
+        return (grad(g.m2 * (p * x.mean ** (p - 1)) ** 2),)
+    return (grad(g.m2 * gaussian.grad_m2(_power(p), x.mean, x.std)),)
+
+
+_CONSTANT_FUNCTIONS = {
+    aten.rsqrt.default: (lambda c: c ** -0.5, lambda c: -0.5 * c ** -1.5),
+    aten.sqrt.default: (lambda c: c ** 0.5, lambda c: 0.5 * c ** -0.5),
+    aten.reciprocal.default: (lambda c: 1.0 / c, lambda c: -1.0 / (c * c)),
+}
+
+
+@forward_rule(*_CONSTANT_FUNCTIONS)
+def constant_function(site):
+    """rsqrt / sqrt / reciprocal of a (row-)constant c: the constant f(c), e.g. 1/RMS in a norm."""
+    x = site.args[0]
+    if not x.row_constant or x.mean <= 0:
+        return Unknown(str(site.node.target), "applied to a varying tensor")
+    f, _ = _CONSTANT_FUNCTIONS[site.node.target]
+    return Moments.constant(f(x.mean))
+
+
+@backward_rule(*_CONSTANT_FUNCTIONS)
+def constant_function_grad(site, g):
+    """dx = f'(c)·dy."""
+    _, df = _CONSTANT_FUNCTIONS[site.node.target]
+    return (grad(g.m2 * df(site.args[0].mean) ** 2),)
+
+

@@ -1,0 +1,226 @@
+"""Analytic scale propagation: forward moments of every tensor, backward second moments of every gradient.
+
+    propagate(gm, example_inputs, grad_output_std=None)
+      node.meta[META_FWD] = Moments | Unknown | NotFloat     (forward, in graph order)
+      node.meta[META_BWD] = Moments | Unknown                (backward, from the loss)
+
+Forward: parameters are measured (their σ at compile time); subgraphs of constants (masks, positions,
+rotary tables) are folded exactly; every other op uses its rule in `passes.rules`. An op without a rule
+gives `Unknown(op)`, which propagates to everything that depends on it.
+Backward starts at the loss when the graph returns a scalar (d loss = 1); otherwise each float output is
+taken as logits of a mean cross-entropy over its tokens, σ = √((1−1/V)/V)/N, or `grad_output_std`.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from munit_compile.ir import META_BWD, META_FWD, META_ROLE, numel, op_name
+from munit_compile.passes.rules import BACKWARD_RULES, FORWARD_RULES, Site, grad
+from munit_compile.passes.rules.sparse import cross_entropy_grad_m2
+from munit_compile.passes.values import Moments, NotFloat, Unknown, first_unknown
+
+log = logging.getLogger("munit_compile")
+
+FOLD_MAX_NUMEL = 1 << 22  # constant subgraphs larger than this are not folded (memory)
+
+
+def propagate(gm: fx.GraphModule, example_inputs: Sequence, grad_output_std: float | None = None) -> None:
+    """Annotate every node with forward and backward statistics (see the module docstring)."""
+    propagate_forward(gm, example_inputs)
+    propagate_backward(gm, grad_output_std)
+
+
+# ---------------------------------------------------------------- forward
+
+def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        node.meta[META_FWD] = _input_value(node, example)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            node.meta[META_FWD] = _input_value(node, _get_attr(gm, node.target))
+        elif node.op == "call_function":
+            node.meta[META_FWD] = forward_value(node)
+
+
+def _input_value(node: fx.Node, example):
+    """A graph input's Value: parameters measured, other float inputs measured and folded, ints not float."""
+    if not isinstance(example, torch.Tensor):
+        return None
+    role = "parameter" if isinstance(example, torch.nn.Parameter) else "buffer_or_input"
+    node.meta.setdefault(META_ROLE, role)
+    real = not (example.is_meta or isinstance(example, torch._subclasses.FakeTensor))
+    if not example.dtype.is_floating_point:
+        return NotFloat(concrete=example.detach() if real else None)
+    if not real:
+        return Unknown(f"input {node.name}", "no concrete value to measure")
+    keep = role != "parameter" and example.numel() <= FOLD_MAX_NUMEL
+    return Moments.of_tensor(example, keep=keep)
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def forward_value(node: fx.Node):
+    """The Value of one call_function node, from its inputs' Values."""
+    if node.target is operator.getitem:
+        parent, index = node.args
+        parent_value = parent.meta.get(META_FWD)
+        return parent_value[index] if isinstance(parent_value, (tuple, list)) else parent_value
+    args = fx.map_arg(node.args, lambda n: n.meta.get(META_FWD))
+    kwargs = fx.map_arg(node.kwargs, lambda n: n.meta.get(META_FWD))
+    folded = _fold(node, args, kwargs)
+    if folded is not None:
+        return folded
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+        return NotFloat()
+    unknown = first_unknown(*args, *kwargs.values())
+    if unknown is not None:
+        return unknown
+    rule = FORWARD_RULES.get(node.target)
+    if rule is None:
+        return Unknown(op_name(node.target), "no variance rule")
+    try:
+        return rule(Site(node, args, kwargs))
+    except Exception as err:  # a rule that cannot handle this use of its op must not abort compilation
+        log.debug("variance rule for %s failed: %s", node.format_node(), err)
+        return Unknown(op_name(node.target), f"rule failed: {err}")
+
+
+def _tensor_values(args, kwargs):
+    out = []
+    fx.node.map_aggregate((args, kwargs), lambda v: out.append(v) if isinstance(v, (Moments, NotFloat, Unknown)) else v)
+    return out
+
+
+def _fold(node: fx.Node, args, kwargs):
+    """Evaluate a node whose tensor inputs are all concrete constants (masks, positions, rotary tables)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if torch.Tag.nondeterministic_seeded in node.target.tags or node.target._schema.is_mutable:
+        return None
+    values = _tensor_values(args, kwargs)
+    if any(getattr(v, "concrete", None) is None for v in values):
+        return None
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or numel(val.shape) > FOLD_MAX_NUMEL or not values and "empty" in node.target.__name__:
+        return None
+    as_real = lambda v: v.concrete if isinstance(v, (Moments, NotFloat)) else v
+    real_args = fx.node.map_aggregate(args, as_real)
+    real_kwargs = fx.node.map_aggregate(kwargs, as_real)
+    try:
+        result = node.target(*real_args, **real_kwargs)
+    except Exception as err:
+        log.debug("could not fold %s: %s", node.format_node(), err)
+        return None
+    if not isinstance(result, torch.Tensor):
+        return None
+    if result.dtype.is_floating_point:
+        return Moments.of_tensor(result, keep=True)
+    return NotFloat(concrete=result)
+
+
+# ---------------------------------------------------------------- backward
+
+def propagate_backward(gm: fx.GraphModule, grad_output_std: float | None = None) -> None:
+    contributions: dict[fx.Node, list] = defaultdict(list)
+    for node, g in output_seeds(gm, grad_output_std):
+        contributions[node].append(g)
+    for node in reversed(gm.graph.nodes):
+        if node not in contributions:
+            continue
+        g = _accumulate(contributions.pop(node))
+        node.meta[META_BWD] = g
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            parent, index = node.args
+            contributions[parent].append((index, g))
+            continue
+        for arg, arg_grad in _input_grads(node, g):
+            contributions[arg].append(arg_grad)
+
+
+def output_seeds(gm: fx.GraphModule, grad_output_std: float | None):
+    """(node, d loss/d node) for the graph outputs the gradient starts from."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = [n for n in fx.node.map_aggregate(output.args[0], lambda x: x) if isinstance(n, fx.Node)] \
+        if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    floats = [n for n in outs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype.is_floating_point]
+    losses = [n for n in floats if n.meta["val"].numel() == 1 and not isinstance(n.meta.get(META_FWD), NotFloat)]
+    if losses:
+        return [(n, grad(1.0)) for n in losses]
+    seeds = []
+    for n in floats:
+        shape = n.meta["val"].shape
+        if grad_output_std is not None:
+            seeds.append((n, grad(grad_output_std**2)))
+        elif len(shape) >= 1 and shape[-1] > 1:
+            vocab = int(shape[-1])
+            seeds.append((n, grad(cross_entropy_grad_m2(vocab, max(numel(shape) // vocab, 1)))))
+    return seeds
+
+
+def _accumulate(parts: list):
+    """Sum of independent gradient contributions (m2 adds); getitem parts stay keyed by index."""
+    if parts and isinstance(parts[0], tuple):
+        by_index: dict[int, list] = defaultdict(list)
+        for index, g in parts:
+            by_index[index].append(g)
+        return {i: _accumulate(gs) for i, gs in by_index.items()}
+    unknown = first_unknown(*parts)
+    if unknown is not None:
+        return unknown
+    return grad(sum(p.m2 for p in parts))
+
+
+def _input_grads(node: fx.Node, g):
+    """(arg node, its grad contribution) for each float tensor argument that is not a constant."""
+    args = fx.map_arg(node.args, lambda n: n.meta.get(META_FWD))
+    kwargs = fx.map_arg(node.kwargs, lambda n: n.meta.get(META_FWD))
+    targets = _differentiable_args(node)
+    if not targets:
+        return []
+    out_value = node.meta.get(META_FWD)
+    if isinstance(g, Unknown) or isinstance(out_value, Unknown):
+        reason = g if isinstance(g, Unknown) else out_value
+        return [(n, reason) for n in targets]
+    rule = BACKWARD_RULES.get(node.target)
+    if rule is None:
+        return [(n, Unknown(op_name(node.target), "no gradient rule")) for n in targets]
+    try:
+        grads = rule(Site(node, args, kwargs, out=out_value), g)
+    except Exception as err:
+        log.debug("gradient rule for %s failed: %s", node.format_node(), err)
+        return [(n, Unknown(op_name(node.target), f"gradient rule failed: {err}")) for n in targets]
+    pairs = []
+    for arg, arg_grad in zip(node.args, grads):
+        if isinstance(arg, (list, tuple)) and isinstance(arg_grad, (list, tuple)):
+            pairs += [(a, ag) for a, ag in zip(arg, arg_grad) if a in targets and ag is not None]
+        elif arg in targets and arg_grad is not None:
+            pairs.append((arg, arg_grad))
+    return pairs
+
+
+def _differentiable_args(node: fx.Node) -> list[fx.Node]:
+    """Argument nodes that carry a gradient: float, not folded constants."""
+    found = []
+    for arg in node.all_input_nodes:
+        value = arg.meta.get(META_FWD)
+        if isinstance(value, NotFloat) or getattr(value, "concrete", None) is not None:
+            continue
+        val = arg.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype.is_floating_point:
+            found.append(arg)
+    return found

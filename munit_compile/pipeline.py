@@ -1,0 +1,115 @@
+"""The whole munit flow in one place: an ordered list of named passes over one graph.
+
+    Dynamo graph ─normalize─▶ pre-dispatch ATen ─variance─▶ σ on every node ─fp8_plan─▶ munit ops
+    ─▶ aot_autograd + Inductor (backend.py) for everything that is not ours.
+
+Each pass is `fn(state) -> None`, mutating `state.gm`; after each the graph is linted, and its wall
+time is recorded in the report.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch.fx as fx
+
+from munit_compile.config import Config
+from munit_compile.ir import META_BWD, META_FWD, op_name
+from munit_compile.passes.fp8_plan import GemmDecision, plan_fp8
+from munit_compile.passes.normalize import normalize_to_aten
+from munit_compile.passes.values import Unknown
+from munit_compile.passes.variance import propagate
+
+log = logging.getLogger("munit_compile")
+
+
+@dataclass
+class CompileReport:
+    """What the pipeline did to one graph: the GEMM decisions, the unknown ops, each pass's time."""
+
+    gemms: list[GemmDecision] = field(default_factory=list)
+    unknown_ops: Counter = field(default_factory=Counter)  # "unknown (from op: reason)" -> nodes
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gemms_fp8(self) -> int:
+        return sum(d.fp8 for d in self.gemms)
+
+    def summary(self) -> str:
+        line = f"munit: {self.gemms_fp8}/{len(self.gemms)} GEMMs in FP8"
+        if self.unknown_ops:
+            line += "; analysis lost track at: " + ", ".join(f"{op} ×{n}" for op, n in self.unknown_ops.items())
+        return line
+
+
+@dataclass
+class PipelineState:
+    gm: fx.GraphModule
+    example_inputs: Sequence
+    config: Config
+    report: CompileReport
+
+
+def _normalize(state: PipelineState) -> None:
+    state.gm = normalize_to_aten(state.gm, state.example_inputs)
+
+
+def _variance(state: PipelineState) -> None:
+    propagate(state.gm, state.example_inputs, state.config.grad_output_std)
+    for node in state.gm.graph.nodes:
+        for key in (META_FWD, META_BWD):
+            value = node.meta.get(key)
+            if isinstance(value, Unknown) and value.op == op_name(node.target):
+                state.report.unknown_ops[str(value)] += 1
+
+
+def _fp8_plan(state: PipelineState) -> None:
+    state.report.gemms = plan_fp8(state.gm, state.config)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[PipelineState], None]
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("normalize", _normalize),
+    Pass("variance", _variance),
+    Pass("fp8_plan", _fp8_plan),
+)
+
+
+def run_pipeline(gm: fx.GraphModule, example_inputs: Sequence, config: Config) -> tuple[fx.GraphModule, CompileReport]:
+    """Run every pass in order; return the rewritten graph and its report (also logged)."""
+    state = PipelineState(gm, example_inputs, config, CompileReport())
+    for p in PIPELINE:
+        start = time.perf_counter()
+        p.run(state)
+        state.gm.graph.lint()
+        state.report.pass_seconds[p.name] = time.perf_counter() - start
+    _log_report(state.report)
+    return state.gm, state.report
+
+
+def _log_report(report: CompileReport) -> None:
+    for d in report.gemms:
+        if d.fp8:
+            log.debug("munit: %s -> FP8 (s_x=%g, s_w=%g, s_g=%g)", d.node, d.x_scale, d.w_scale, d.grad_scale)
+        else:
+            log.info("munit: %s stays in high precision: %s", d.node, d.reason)
+    if report.unknown_ops:
+        log.warning("%s; GEMMs that depend on them stay in high precision", report.summary())
+    if not report.gemms:
+        log.warning("munit: nothing converted to FP8: this graph has no linear/addmm GEMM")
+    elif report.gemms_fp8 == 0:
+        reasons = Counter(d.reason for d in report.gemms)
+        log.warning(
+            "munit: nothing converted to FP8: none of the %d GEMMs is eligible (%s)",
+            len(report.gemms), "; ".join(f"{r} ×{n}" for r, n in reasons.items()),
+        )
+    else:
+        log.info(report.summary())
