@@ -212,3 +212,24 @@ def test_fp8_disabled_in_config_changes_nothing():
     out = torch.compile(model, backend=be)(x)
     torch.testing.assert_close(out, model(x))
     assert all(not d.fp8 and "fp8=False" in d.reason for d in be.reports[0].gemms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_models_keep_their_dtype_and_match_simulated_fp8(dtype):
+    model, x = MLP().to(dtype), _float_input().to(dtype)
+    be = munit.backend(FAST)
+    compiled = torch.compile(copy.deepcopy(model), backend=be)
+    out = compiled(x)
+    assert out.dtype == dtype
+    loss, grads = train_step(compiled, _mse_step, x)
+    assert all(g.dtype == dtype for g in grads.values())
+    reference = copy.deepcopy(model)
+    patch_linear_modules(
+        execution_order(reference, hidden_gemm_modules(reference), _mse_step, x),
+        [(d.x_scale, d.w_scale, d.grad_scale) for d in be.reports[0].gemms if d.fp8],
+    )
+    ref_loss, ref_grads = train_step(reference, _mse_step, x)
+    # Both round each GEMM's output once to `dtype`; they may differ by one ulp of `dtype` there.
+    tol = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 1e-3}[dtype]
+    assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) < tol
