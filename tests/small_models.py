@@ -60,6 +60,12 @@ def gpt2():
     return model
 
 
+def builtin_gpt():
+    from munit_compile.models import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=VOCAB, seq_len=32, n_layer=2, n_head=4, d_model=64))
+
+
 def hidden_gemm_modules(model: nn.Module) -> list[nn.Module]:
     """nn.Linear and transformers Conv1D modules other than the LM head, in definition order."""
     from transformers.pytorch_utils import Conv1D

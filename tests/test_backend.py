@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 import munit_compile as munit
-from small_models import VOCAB, MLP, PreLNBlock, gpt2, hidden_gemm_modules, llama
+from small_models import VOCAB, MLP, PreLNBlock, builtin_gpt, gpt2, hidden_gemm_modules, llama
 from simulated_fp8 import patch_linear_modules
 
 FAST = munit.Config(inner_compiler="aot_eager")
@@ -34,11 +34,16 @@ def _lm_step(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
+def _builtin_gpt_step(model, ids):
+    return model(ids, ids)[1]
+
+
 CASES = {
     "mlp": (MLP, _float_input, _mse_step),
     "preln_block": (PreLNBlock, _float_input, _mse_step),
     "llama": (llama, _token_input, _lm_step),
     "gpt2": (gpt2, _token_input, _lm_step),
+    "builtin_gpt": (builtin_gpt, _token_input, _builtin_gpt_step),
 }
 
 
