@@ -238,3 +238,18 @@ def test_low_precision_models_keep_their_dtype_and_match_simulated_fp8(dtype):
     tol = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 1e-3}[dtype]
     assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
     assert max(rel_err(grads[n], ref_grads[n]) for n in grads) < tol
+
+
+def test_dynamic_shapes_compile_plan_and_train(caplog):
+    model = builtin_gpt()
+    be = munit.backend(FAST)
+    compiled = torch.compile(copy.deepcopy(model), backend=be, dynamic=True)
+    with caplog.at_level(logging.WARNING, logger="munit_compile"):
+        for seq in (16, 24):
+            ids = torch.randint(0, VOCAB, (2, seq))
+            loss, _ = train_step(compiled, _builtin_gpt_step, ids)
+            ref_loss, _ = train_step(copy.deepcopy(model), _builtin_gpt_step, ids)
+            assert abs(loss.item() - ref_loss.item()) <= 2e-3 * ref_loss.item()
+    report = be.reports[-1]
+    assert report.gemms_fp8 == len(hidden_gemm_modules(model)) and not report.unknown_ops
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

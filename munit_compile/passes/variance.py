@@ -83,6 +83,8 @@ def forward_value(node: fx.Node):
     if folded is not None:
         return folded
     val = node.meta.get("val")
+    if not isinstance(val, (torch.Tensor, tuple, list)):
+        return None  # a Python/symbolic scalar (sizes, .item()): not a tensor, nothing to scale
     if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
         return NotFloat()
     unknown = first_unknown(*args, *kwargs.values())
