@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(96)
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(160)
 _NODES_T = torch.tensor(_NODES, dtype=torch.float64)
 _WEIGHTS_T = torch.tensor(_WEIGHTS / math.sqrt(2 * math.pi), dtype=torch.float64)
 

@@ -27,7 +27,6 @@ def _activation(site):
 
 _ACTIVATIONS = {
     aten.silu.default: F.silu,
-    aten.relu.default: torch.relu,
     aten.tanh.default: torch.tanh,
     aten.sigmoid.default: torch.sigmoid,
     aten.exp.default: torch.exp,
@@ -66,3 +65,26 @@ def trig_grad(site, g):
     damp2 = math.exp(-2 * x.var)
     sign = 1 if site.node.target is aten.cos.default else -1
     return (grad(g.m2 * (1 - sign * damp2 * math.cos(2 * x.mean)) / 2),)
+
+
+def _normal_pdf_cdf(z: float) -> tuple[float, float]:
+    return math.exp(-z * z / 2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+@forward_rule(aten.relu.default)
+def relu(site):
+    """ReLU of N(μ,σ²), closed form: E = μΦ + σφ, E² = (μ²+σ²)Φ + μσφ at z = μ/σ."""
+    x = site.args[0]
+    if x.std == 0:
+        return Moments.constant(max(x.mean, 0.0))
+    pdf, cdf = _normal_pdf_cdf(x.mean / x.std)
+    mean = x.mean * cdf + x.std * pdf
+    return Moments(mean, (x.mean**2 + x.var) * cdf + x.mean * x.std * pdf, gaussian=False)
+
+
+@backward_rule(aten.relu.default)
+def relu_grad(site, g):
+    """dx = 1[x > 0]·dy: m2 = Φ(μ/σ)·m2(dy)."""
+    x = site.args[0]
+    share = float(x.mean > 0) if x.std == 0 else _normal_pdf_cdf(x.mean / x.std)[1]
+    return (grad(g.m2 * share),)
