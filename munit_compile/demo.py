@@ -187,7 +187,7 @@ def count_gemms(step_fn: Callable[[], object]) -> dict:
 
 
 def run_demo(
-    steps: int = 250,
+    steps: int = 500,
     batch: int = 16,
     seq: int = 64,
     d_model: int = 128,
@@ -196,7 +196,7 @@ def run_demo(
     lr: float = 3e-3,
     seed: int = 0,
     backend: str = "munit",
-    eval_every: int = 50,
+    eval_every: int = 100,
     progress: bool = True,
 ) -> dict:
     """Train eager fp32 and `torch.compile(backend=backend)` copies of one GPT init on the
@@ -284,7 +284,7 @@ def format_table(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="munit demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=500, help="training steps per run")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--d-model", type=int, default=128, help="model width")
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed for init and batch order")
     parser.add_argument("--backend", default="munit", help="torch.compile backend for the second run")
-    parser.add_argument("--eval-every", type=int, default=50, help="validate every N steps (0: only at end)")
+    parser.add_argument("--eval-every", type=int, default=100, help="validate every N steps (0: only at end)")
     return parser
 
 
