@@ -26,19 +26,23 @@ def layer_norm(site):
     return _affine(normed, site.arg(2, "weight"), site.arg(3, "bias"))
 
 
-@backward_rule(aten.layer_norm.default)
-def layer_norm_grad(site, g):
-    """dx ≈ w·dy/σ: m2 = m2w·m2(dy)/(σ²+ε); dw = Σ_rows x̂·dy; db = Σ_rows dy."""
-    x, weight, bias = site.args[0], site.arg(2, "weight"), site.arg(3, "bias")
-    eps = site.arg(4, "eps", 1e-5)
+def _norm_grads(site, g, inv_scale2: float, normed_m2: float, weight, bias) -> tuple:
+    """dx ≈ w·dy/scale: m2 = m2w·m2(dy)/scale²; dw = Σ_rows x̂·dy: rows·m2(x̂)·m2(dy); db = Σ_rows dy."""
     rows = numel(site.shape(0)) // max(numel(site.args[1]), 1)
     w_m2 = weight.m2 if isinstance(weight, Moments) else 1.0
     return (
-        grad(g.m2 * w_m2 / (x.var + eps)),
+        grad(g.m2 * w_m2 * inv_scale2),
         None,
-        grad(rows * g.m2) if isinstance(weight, Moments) else None,
+        grad(rows * normed_m2 * g.m2) if isinstance(weight, Moments) else None,
         grad(rows * g.m2) if isinstance(bias, Moments) else None,
     )
+
+
+@backward_rule(aten.layer_norm.default)
+def layer_norm_grad(site, g):
+    """Scale σ: dx m2 = m2w·m2(dy)/(σ²+ε); dw, db summed over rows."""
+    x, eps = site.args[0], site.arg(4, "eps", 1e-5)
+    return _norm_grads(site, g, 1 / (x.var + eps), x.var / (x.var + eps), site.arg(2, "weight"), site.arg(3, "bias"))
 
 
 @forward_rule(aten.rms_norm.default)
@@ -53,14 +57,6 @@ def rms_norm(site):
 
 @backward_rule(aten.rms_norm.default)
 def rms_norm_grad(site, g):
-    """dx ≈ w·dy/rms: m2 = m2w·m2(dy)/(m2x+ε); dw = Σ_rows x̂·dy."""
-    x, weight = site.args[0], site.arg(2, "weight")
-    eps = site.arg(3, "eps") or 1e-6
-    rows = numel(site.shape(0)) // max(numel(site.args[1]), 1)
-    w_m2 = weight.m2 if isinstance(weight, Moments) else 1.0
-    return (
-        grad(g.m2 * w_m2 / (x.m2 + eps)),
-        None,
-        grad(rows * g.m2) if isinstance(weight, Moments) else None,
-        None,
-    )
+    """Scale rms: dx m2 = m2w·m2(dy)/(m2x+ε); dw summed over rows."""
+    x, eps = site.args[0], site.arg(3, "eps") or 1e-6
+    return _norm_grads(site, g, 1 / (x.m2 + eps), x.m2 / (x.m2 + eps), site.arg(2, "weight"), None)
