@@ -21,7 +21,7 @@ from munit_compile.ir import META_BWD, META_FWD, op_name
 from munit_compile.passes.fp8_plan import GemmDecision, plan_fp8
 from munit_compile.passes.normalize import normalize_to_aten
 from munit_compile.passes.values import Unknown
-from munit_compile.passes.variance import propagate
+from munit_compile.passes.variance import ParameterMoments, propagate
 
 log = logging.getLogger("munit_compile")
 
@@ -51,6 +51,7 @@ class PipelineState:
     example_inputs: Sequence
     config: Config
     report: CompileReport
+    parameter_moments: ParameterMoments | None = None  # for parameters without values (meta device)
 
 
 def _normalize(state: PipelineState) -> None:
@@ -58,7 +59,7 @@ def _normalize(state: PipelineState) -> None:
 
 
 def _variance(state: PipelineState) -> None:
-    propagate(state.gm, state.example_inputs, state.config.grad_output_std)
+    propagate(state.gm, state.example_inputs, state.config.grad_output_std, state.parameter_moments)
     for node in state.gm.graph.nodes:
         for key in (META_FWD, META_BWD):
             value = node.meta.get(key)
@@ -83,14 +84,26 @@ PIPELINE: tuple[Pass, ...] = (
 )
 
 
-def run_pipeline(gm: fx.GraphModule, example_inputs: Sequence, config: Config) -> tuple[fx.GraphModule, CompileReport]:
-    """Run every pass in order; return the rewritten graph and its report (also logged)."""
-    state = PipelineState(gm, example_inputs, config, CompileReport())
+def run_pipeline(
+    gm: fx.GraphModule,
+    example_inputs: Sequence,
+    config: Config,
+    after_pass: Callable[[str, PipelineState], None] | None = None,
+    parameter_moments: ParameterMoments | None = None,
+) -> tuple[fx.GraphModule, CompileReport]:
+    """Run every pass in order; return the rewritten graph and its report (also logged).
+
+    `after_pass(name, state)` is called after each pass (e.g. `munit.inspect` measures the graph
+    after "variance", before the FP8 rewrite).
+    """
+    state = PipelineState(gm, example_inputs, config, CompileReport(), parameter_moments)
     for p in PIPELINE:
         start = time.perf_counter()
         p.run(state)
         state.gm.graph.lint()
         state.report.pass_seconds[p.name] = time.perf_counter() - start
+        if after_pass is not None:
+            after_pass(p.name, state)
     _log_report(state.report)
     return state.gm, state.report
 

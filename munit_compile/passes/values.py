@@ -18,6 +18,7 @@ class Moments:
     gaussian: the elements are (close to) normal, so nonlinearities can use exact Gaussian integrals.
     row_constant: the value is a reduction (e.g. mean over a dim) and barely varies: treat it as a constant.
     concrete: the exact tensor, when it depends only on constants (folded at compile time).
+    std_range: where σ varies along the sequence, its (min, max) over positions; `std` is the tensor-wide value.
     """
 
     mean: float
@@ -25,6 +26,8 @@ class Moments:
     gaussian: bool = True
     row_constant: bool = False
     concrete: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    std_range: tuple[float, float] | None = field(default=None, compare=False)
+    """(min, max) of σ along the sequence, where it varies by position (causal attention outputs)."""
 
     @property
     def var(self) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -30,18 +30,27 @@ log = logging.getLogger("munit_compile")
 FOLD_MAX_NUMEL = 1 << 22  # constant subgraphs larger than this are not folded (memory)
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence, grad_output_std: float | None = None) -> None:
-    """Annotate every node with forward and backward statistics (see the module docstring)."""
-    propagate_forward(gm, example_inputs)
+ParameterMoments = Callable[[torch.Tensor], "Moments | None"]
+
+
+def propagate(gm: fx.GraphModule, example_inputs: Sequence, grad_output_std: float | None = None,
+              parameter_moments: ParameterMoments | None = None) -> None:
+    """Annotate every node with forward and backward statistics (see the module docstring).
+
+    `parameter_moments(param)` supplies the moments of parameters that have no values to measure
+    (on the meta device): the init the user intends, e.g. N(0, 0.02²) for matrices, ones for norm gains.
+    """
+    propagate_forward(gm, example_inputs, parameter_moments)
     propagate_backward(gm, grad_output_std)
 
 
 # ---------------------------------------------------------------- forward
 
-def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence) -> None:
+def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
+                      parameter_moments: ParameterMoments | None = None) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
-        node.meta[META_FWD] = _input_value(node, example)
+        node.meta[META_FWD] = _input_value(node, example, parameter_moments)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             node.meta[META_FWD] = _input_value(node, _get_attr(gm, node.target))
@@ -49,7 +58,7 @@ def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence) -> None:
             node.meta[META_FWD] = forward_value(node)
 
 
-def _input_value(node: fx.Node, example):
+def _input_value(node: fx.Node, example, parameter_moments: ParameterMoments | None = None):
     """A graph input's Value: parameters measured, other float inputs measured and folded, ints not float."""
     if not isinstance(example, torch.Tensor):
         return None
@@ -58,8 +67,11 @@ def _input_value(node: fx.Node, example):
     real = not (example.is_meta or isinstance(example, torch._subclasses.FakeTensor))
     if not example.dtype.is_floating_point:
         return NotFloat(concrete=example.detach() if real else None)
+    if not real and role == "parameter" and parameter_moments is not None:
+        return parameter_moments(example) or Unknown(f"parameter {node.name}", "parameter_moments gave None")
     if not real:
-        return Unknown(f"input {node.name}", "no concrete value to measure")
+        hint = "; pass parameter_moments for meta-device parameters" if role == "parameter" else ""
+        return Unknown(f"input {node.name}", f"no concrete value to measure{hint}")
     keep = role != "parameter" and example.numel() <= FOLD_MAX_NUMEL
     return Moments.of_tensor(example, keep=keep)
 
@@ -121,12 +133,14 @@ def _fold(node: fx.Node, args, kwargs):
     as_real = lambda v: v.concrete if isinstance(v, (Moments, NotFloat)) else v
     real_args = fx.node.map_aggregate(args, as_real)
     real_kwargs = fx.node.map_aggregate(kwargs, as_real)
+    if isinstance(real_kwargs.get("device"), torch.device) and real_kwargs["device"].type == "meta":
+        real_kwargs = {**real_kwargs, "device": torch.device("cpu")}  # constants of a meta model: build on CPU
     try:
         result = node.target(*real_args, **real_kwargs)
     except Exception as err:
         log.debug("could not fold %s: %s", node.format_node(), err)
         return None
-    if not isinstance(result, torch.Tensor):
+    if not isinstance(result, torch.Tensor) or result.is_meta:
         return None
     if result.dtype.is_floating_point:
         return Moments.of_tensor(result, keep=True)

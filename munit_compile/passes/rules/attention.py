@@ -61,22 +61,29 @@ def softmax_grad(site, g):
     return (grad(g.m2 * centered / n), None, None)
 
 
+@lru_cache(maxsize=8)
+def _allowed_per_query(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[float, ...]:
+    """Keys each query may attend to under a folded mask (bool keep-mask or additive float mask);
+    cached per mask tensor, which every layer of a model shares."""
+    allowed = mask if mask.dtype == torch.bool else mask > -1e4
+    allowed = allowed.expand(*allowed.shape[:-2], q_len, kv_len).reshape(-1, q_len, kv_len)
+    return tuple(allowed.sum(-1, dtype=torch.float64).mean(0).clamp(min=1).tolist())
+
+
 def _visible_keys(site, q_len: int, kv_len: int) -> list[float]:
     """Number of keys each query position may attend to (averaged over batch and heads)."""
     mask, is_causal = site.arg(3, "attn_mask"), site.arg(5, "is_causal", False)
     concrete = getattr(mask, "concrete", None)
     if concrete is not None:
-        allowed = concrete if concrete.dtype == torch.bool else concrete > -1e4
-        allowed = allowed.expand(*allowed.shape[:-2], q_len, kv_len).reshape(-1, q_len, kv_len)
-        return allowed.to(torch.float64).sum(-1).mean(0).clamp(min=1).tolist()
+        return list(_allowed_per_query(concrete, q_len, kv_len))
     if is_causal:
         offset = kv_len - q_len
         return [float(i + 1 + offset) for i in range(q_len)]
     return [float(kv_len)] * q_len
 
 
-def attention_weights(site) -> tuple[float, float]:
-    """Means over query positions of E Σp² and of E[Σp² − 2Σp³ + (Σp²)²] for this attention.
+def attention_weights(site) -> tuple[float, float, tuple[float, float]]:
+    """Means over query positions of E Σp² and of E[Σp² − 2Σp³ + (Σp²)²], and the (min, max) of E Σp².
 
     Logits vary across keys through k − μk only: s² = scale²·d·m2q·σk².
     """
@@ -86,9 +93,11 @@ def attention_weights(site) -> tuple[float, float]:
     scale = site.arg(6, "scale") or 1.0 / math.sqrt(d)
     keep = 1.0 - site.arg(4, "dropout_p", 0.0)
     stats = weight_stats(scale * scale * d * q.m2 * k.var, _visible_keys(site, q_shape[-2], k_shape[-2]))
+    per_position = [s2 / keep for s2, _ in stats]
     return (
-        sum(s2 for s2, _ in stats) / len(stats) / keep,
+        sum(per_position) / len(per_position),
         sum(c for _, c in stats) / len(stats) / keep,
+        (min(per_position), max(per_position)),
     )
 
 
@@ -96,8 +105,9 @@ def attention_weights(site) -> tuple[float, float]:
 def sdpa(site):
     """o = softmax(q kᵀ·scale + mask) v: μ = μv, var = σ_v²·mean_i Σ_j p_ij²."""
     v = site.args[2]
-    p2, _ = attention_weights(site)
-    return Moments(v.mean, v.mean * v.mean + v.var * p2, gaussian=True)
+    p2, _, (p2_min, p2_max) = attention_weights(site)
+    std_range = (math.sqrt(v.var * p2_min), math.sqrt(v.var * p2_max)) if p2_max > 1.01 * p2_min else None
+    return Moments(v.mean, v.mean * v.mean + v.var * p2, gaussian=True, std_range=std_range)
 
 
 @backward_rule(aten.scaled_dot_product_attention.default)
@@ -109,7 +119,7 @@ def sdpa_grad(site, g):
     q_shape, k_shape, v_shape = site.shape(0), site.shape(1), site.shape(2)
     d = q_shape[-1]
     scale = site.arg(6, "scale") or 1.0 / math.sqrt(d)
-    p2, p2_centered = attention_weights(site)
+    p2, p2_centered, _ = attention_weights(site)
     queries_per_key = q_shape[-2] / k_shape[-2]
     group = q_shape[-3] / k_shape[-3] if len(q_shape) >= 3 and len(k_shape) >= 3 else 1.0
     ds2 = v_shape[-1] * g.m2 * v.var * p2_centered
