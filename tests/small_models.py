@@ -39,13 +39,7 @@ class PreLNBlock(nn.Module):
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.loss_type = "ForCausalLM"
-    return model
+    return _hf_decoder(LlamaConfig, LlamaForCausalLM)
 
 
 def gpt2():
@@ -58,6 +52,28 @@ def gpt2():
     model = GPT2LMHeadModel(cfg)
     model.loss_type = "ForCausalLM"
     return model
+
+
+def _hf_decoder(config_cls, model_cls):
+    cfg = config_cls(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    model = model_cls(cfg)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _hf_decoder(MistralConfig, MistralForCausalLM)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _hf_decoder(Qwen2Config, Qwen2ForCausalLM)
 
 
 def builtin_gpt():

@@ -1,0 +1,1 @@
+"""munit benchmarks: `python -m benchmarks <name> [--json FILE] [--smoke]` (`--list` names them)."""

@@ -1,0 +1,25 @@
+"""Run one benchmark by name: `python -m benchmarks <name> [options]`; `--list` shows them all."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "analysis-time": ("benchmarks.analysis_time", "variance analysis of a 48-layer d=4096 Llama built on the meta device"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "--list"):
+        for name, (_, about) in BENCHMARKS.items():
+            print(f"{name:16s} {about}")
+        return 0 if argv else 2
+    if argv[0] not in BENCHMARKS:
+        print(f"unknown benchmark {argv[0]!r}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

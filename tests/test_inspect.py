@@ -1,0 +1,119 @@
+"""munit.inspect: predicted σ of every GEMM operand against one measured forward/backward, on real
+model code at init; the report's schema; unknowns; meta-device models."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import munit_compile as munit
+from munit_compile.inspect import ROW_KEYS
+from munit_compile.passes.values import Moments
+from small_models import VOCAB, builtin_gpt, gpt2, hidden_gemm_modules, llama, mistral, qwen2
+
+MODELS = {"builtin_gpt": builtin_gpt, "llama": llama, "gpt2": gpt2, "mistral": mistral, "qwen2": qwen2}
+
+
+def _inspect(name, model, ids, **kw):
+    if name == "builtin_gpt":
+        return munit.inspect(model, ids, ids, **kw)
+    return munit.inspect(model, input_ids=ids, labels=ids, **kw)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def measured_report(request):
+    torch.manual_seed(0)
+    model = MODELS[request.param]()
+    ids = torch.randint(0, VOCAB, (4, 32))
+    return request.param, model, _inspect(request.param, model, ids, measure=True)
+
+
+def test_gemm_operands_predicted_within_sqrt2(measured_report):
+    name, model, report = measured_report
+    worst = report.worst(10)
+    print(f"\n{name}: worst GEMM operands (predicted / measured σ, log2 error)")
+    for c in worst:
+        print(f"  {c.gemm:10s} {c.operand:8s} {c.predicted:.3g} / {c.measured:.3g}  {c.log2_error:+.2f}")
+    s = report.summary
+    # x, W and d output of every GEMM (LM head included), forward and backward
+    assert len(report.operand_checks) == 3 * s["gemms_total"]
+    assert s["frac_within_sqrt2"] >= 0.95, worst
+    assert s["max_abs_log2_error"] <= 1.0, worst
+
+
+def test_no_unknowns_and_every_hidden_gemm_in_fp8(measured_report):
+    name, model, report = measured_report
+    assert report.summary["unknown_ops"] == []
+    assert all(r["status"] != "unknown" for r in report.rows)
+    assert report.summary["gemms_fp8"] == len(hidden_gemm_modules(model))
+    assert report.summary["gemms_total"] == report.summary["gemms_fp8"] + 1  # the LM head
+    (head,) = [r for r in report.rows if r["status"] == "high_precision"]
+    assert "LM head" in head["reason"] and head["fp8"] is None
+
+
+def test_report_schema_and_json_round_trip(measured_report, tmp_path):
+    _, _, report = measured_report
+    d = report.as_dict()
+    assert set(d) == {"rows", "summary"}
+    assert set(d["summary"]) == {"gemms_total", "gemms_fp8", "unknown_ops", "frac_within_sqrt2", "max_abs_log2_error"}
+    for row in d["rows"]:
+        assert tuple(row) == ROW_KEYS
+        assert row["fused_kernel"] is None
+        assert row["status"] in ("ok", "unknown", "high_precision")
+    fp8_rows = [r for r in d["rows"] if r["fp8"] is not None]
+    assert fp8_rows and all(set(r["fp8"]) == {"x_format", "x_scale", "w_format", "w_scale", "grad_format", "grad_scale"}
+                            for r in fp8_rows)
+    path = tmp_path / "report.json"
+    report.to_json(path)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(d))
+    assert "GEMMs in FP8" in report.table(only_gemms=True)
+
+
+def test_causal_attention_reports_its_position_range(measured_report):
+    _, _, report = measured_report
+    sdpa = [r for r in report.rows if r["op"] == "aten.scaled_dot_product_attention.default"]
+    assert sdpa and all("varies along the sequence" in r["reason"] for r in sdpa)
+
+
+def test_without_measure_the_measured_fields_are_null():
+    model, ids = builtin_gpt(), torch.randint(0, VOCAB, (2, 16))
+    report = munit.inspect(model, ids, ids)
+    assert all(r["meas_std"] is None and r["meas_grad_std"] is None for r in report.rows)
+    assert report.summary["frac_within_sqrt2"] is None and report.summary["max_abs_log2_error"] is None
+    assert report.summary["gemms_fp8"] == 8
+
+
+class CumsumThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
+
+
+def test_unknown_op_is_named_and_its_gemm_stays_high_precision():
+    report = munit.inspect(CumsumThenLinear(), torch.randn(8, 32))
+    assert report.summary["unknown_ops"] == ["aten.cumsum.default"]
+    cumsum = next(r for r in report.rows if r["op"] == "aten.cumsum.default")
+    assert cumsum["status"] == "unknown" and "no variance rule" in cumsum["reason"]
+    assert report.summary["gemms_fp8"] == 0
+
+
+def test_meta_device_model_is_analysed_with_stated_parameter_moments():
+    with torch.device("meta"):
+        model = builtin_gpt()
+    ids = torch.randint(0, VOCAB, (2, 16), device="meta")
+
+    def init(p):
+        return Moments.normal(0.0, 0.02**2) if p.dim() == 2 else Moments(1.0, 1.0, gaussian=False, row_constant=True)
+
+    report = munit.inspect(model, ids, ids, parameter_moments=init)
+    assert report.summary["gemms_fp8"] == 8 and report.summary["unknown_ops"] == []
+    first = next(r for r in report.rows if r["fp8"] is not None)
+    assert first["fp8"]["w_scale"] == 2.0 ** round(-math.log2(0.02))
+    with pytest.raises(ValueError, match="meta device"):
+        munit.inspect(model, ids, ids, measure=True)
