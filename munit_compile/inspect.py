@@ -90,7 +90,7 @@ def inspect(model: torch.nn.Module, *example_inputs, measure: bool = False, conf
         graphs.append((gm, inputs))
         return gm.forward
 
-    torch.compile(model, backend=capture)(*example_inputs, **example_kwargs)
+    torch.compile(model, backend=capture, dynamic=False)(*example_inputs, **example_kwargs)
     report = Report()
     for gm, inputs in graphs:
         _inspect_graph(gm, inputs, config, measure, report, parameter_moments)

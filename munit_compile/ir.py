@@ -43,8 +43,24 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def concrete_int(size) -> int:
+    """An int size; a symbolic size (dynamic shapes) gives its example value without adding a guard."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    node = size.node
+    for attr in ("_hint", "hint"):  # SymNode keeps the example value; the attribute name varies by version
+        hint = getattr(node, attr, None)
+        if isinstance(hint, int):
+            return hint
+    raise ValueError(f"symbolic size {size} has no example value (data-dependent)")
+
+
+def concrete_shape(shape) -> tuple[int, ...]:
+    return tuple(concrete_int(s) for s in shape)
+
+
 def numel(shape) -> int:
     n = 1
     for s in shape:
-        n *= int(s)
+        n *= concrete_int(s)
     return n

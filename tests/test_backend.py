@@ -240,15 +240,17 @@ def test_low_precision_models_keep_their_dtype_and_match_simulated_fp8(dtype):
     assert max(rel_err(grads[n], ref_grads[n]) for n in grads) < tol
 
 
-def test_dynamic_shapes_compile_plan_and_train(caplog):
-    model = builtin_gpt()
+@pytest.mark.parametrize("case", ["builtin_gpt", "llama"])
+def test_dynamic_shapes_compile_plan_and_train(case, caplog):
+    make, _, step = CASES[case]
+    model = make()
     be = munit.backend(FAST)
     compiled = torch.compile(copy.deepcopy(model), backend=be, dynamic=True)
     with caplog.at_level(logging.WARNING, logger="munit_compile"):
         for seq in (16, 24):
             ids = torch.randint(0, VOCAB, (2, seq))
-            loss, _ = train_step(compiled, _builtin_gpt_step, ids)
-            ref_loss, _ = train_step(copy.deepcopy(model), _builtin_gpt_step, ids)
+            loss, _ = train_step(compiled, step, ids)
+            ref_loss, _ = train_step(copy.deepcopy(model), step, ids)
             assert abs(loss.item() - ref_loss.item()) <= 2e-3 * ref_loss.item()
     report = be.reports[-1]
     assert report.gemms_fp8 == len(hidden_gemm_modules(model)) and not report.unknown_ops

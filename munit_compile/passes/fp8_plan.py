@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from munit_compile.config import Config
-from munit_compile.ir import META_BWD, META_FWD, META_PLAN, META_ROLE, tensor_of
+from munit_compile.ir import META_BWD, META_FWD, META_PLAN, META_ROLE, concrete_shape, tensor_of
 from munit_compile.ops.formats import power_of_two_scale
 from munit_compile.passes.rules.shape import PASS_THROUGH
 from munit_compile.passes.values import Moments, Unknown
@@ -57,8 +57,8 @@ class GemmDecision:
 def _linear_operands(node: fx.Node) -> GemmOperands | None:
     x, w = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    n, k = tensor_of(w).shape
-    return GemmOperands(x, w, bias, int(k), int(n), w_transposed=False)
+    n, k = concrete_shape(tensor_of(w).shape)
+    return GemmOperands(x, w, bias, k, n, w_transposed=False)
 
 
 def _addmm_operands(node: fx.Node) -> GemmOperands | None:
@@ -67,10 +67,10 @@ def _addmm_operands(node: fx.Node) -> GemmOperands | None:
     if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
         return None
     b = tensor_of(bias)
-    k, n = tensor_of(w).shape
-    if b is None or tuple(b.shape) != (n,):
+    k, n = concrete_shape(tensor_of(w).shape)
+    if b is None or concrete_shape(b.shape) != (n,):
         return None
-    return GemmOperands(x, w, bias, int(k), int(n), w_transposed=True)
+    return GemmOperands(x, w, bias, k, n, w_transposed=True)
 
 
 GEMM_OPERANDS = {
@@ -157,7 +157,7 @@ class _CheckContext:
         tables = frozenset(
             n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default
         )
-        return _CheckContext(config, tables, frozenset(int(tensor_of(t).shape[0]) for t in tables))
+        return _CheckContext(config, tables, frozenset(concrete_shape(tensor_of(t).shape)[0] for t in tables))
 
 
 def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.fx as fx
 
-from munit_compile.ir import META_BWD, META_FWD, META_ROLE, numel, op_name
+from munit_compile.ir import META_BWD, META_FWD, META_ROLE, aten, concrete_int, numel, op_name
 from munit_compile.passes.rules import BACKWARD_RULES, FORWARD_RULES, Site, grad
 from munit_compile.passes.rules.sparse import cross_entropy_grad_m2
 from munit_compile.passes.values import Moments, NotFloat, Unknown, first_unknown
@@ -28,6 +28,13 @@ from munit_compile.passes.values import Moments, NotFloat, Unknown, first_unknow
 log = logging.getLogger("munit_compile")
 
 FOLD_MAX_NUMEL = 1 << 22  # constant subgraphs larger than this are not folded (memory)
+
+# Ops whose integer/bool tensor inputs are indices or masks, not values (their rules account for them).
+INTEGER_INPUT_OPS = frozenset({
+    aten.embedding.default, aten.cross_entropy_loss.default, aten.where.self, aten.where.ScalarOther,
+    aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+    aten.scaled_dot_product_attention.default, aten.index_select.default, aten.gather.default,
+})
 
 
 ParameterMoments = Callable[[torch.Tensor], "Moments | None"]
@@ -60,6 +67,8 @@ def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
 
 def _input_value(node: fx.Node, example, parameter_moments: ParameterMoments | None = None):
     """A graph input's Value: parameters measured, other float inputs measured and folded, ints not float."""
+    if isinstance(example, (int, torch.SymInt)):
+        return concrete_int(example)  # a (dynamic) size: its example value, so constants can be folded
     if not isinstance(example, torch.Tensor):
         return None
     role = "parameter" if isinstance(example, torch.nn.Parameter) else "buffer_or_input"
@@ -95,8 +104,10 @@ def forward_value(node: fx.Node):
     if folded is not None:
         return folded
     val = node.meta.get("val")
+    if isinstance(val, (int, torch.SymInt)):
+        return _example_int(val)  # a size computed in the graph: its example value (for folding)
     if not isinstance(val, (torch.Tensor, tuple, list)):
-        return None  # a Python/symbolic scalar (sizes, .item()): not a tensor, nothing to scale
+        return None  # another Python/symbolic scalar (e.g. .item()): not a tensor, nothing to scale
     if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
         return NotFloat()
     unknown = first_unknown(*args, *kwargs.values())
@@ -105,11 +116,20 @@ def forward_value(node: fx.Node):
     rule = FORWARD_RULES.get(node.target)
     if rule is None:
         return Unknown(op_name(node.target), "no variance rule")
+    if any(isinstance(v, NotFloat) for v in _tensor_values(args, kwargs)) and node.target not in INTEGER_INPUT_OPS:
+        return Unknown(op_name(node.target), "a float computed from a non-constant integer tensor")
     try:
         return rule(Site(node, args, kwargs))
     except Exception as err:  # a rule that cannot handle this use of its op must not abort compilation
         log.debug("variance rule for %s failed: %s", node.format_node(), err)
         return Unknown(op_name(node.target), f"rule failed: {err}")
+
+
+def _example_int(val):
+    try:
+        return concrete_int(val)
+    except ValueError:  # data-dependent: no example value
+        return None
 
 
 def _tensor_values(args, kwargs):
@@ -128,9 +148,9 @@ def _fold(node: fx.Node, args, kwargs):
     if any(getattr(v, "concrete", None) is None for v in values):
         return None
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or numel(val.shape) > FOLD_MAX_NUMEL or not values and "empty" in node.target.__name__:
+    if isinstance(val, torch.Tensor) and numel(val.shape) > FOLD_MAX_NUMEL or not values and "empty" in node.target.__name__:
         return None
-    as_real = lambda v: v.concrete if isinstance(v, (Moments, NotFloat)) else v
+    as_real = lambda v: v.concrete if isinstance(v, (Moments, NotFloat)) else concrete_int(v) if isinstance(v, torch.SymInt) else v
     real_args = fx.node.map_aggregate(args, as_real)
     real_kwargs = fx.node.map_aggregate(kwargs, as_real)
     if isinstance(real_kwargs.get("device"), torch.device) and real_kwargs["device"].type == "meta":
@@ -140,6 +160,8 @@ def _fold(node: fx.Node, args, kwargs):
     except Exception as err:
         log.debug("could not fold %s: %s", node.format_node(), err)
         return None
+    if isinstance(result, (int, float, bool)):
+        return result  # e.g. .item() of a folded constant: a Python number the rules take as a constant
     if not isinstance(result, torch.Tensor) or result.is_meta:
         return None
     if result.dtype.is_floating_point:

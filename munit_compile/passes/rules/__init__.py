@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from munit_compile.ir import numel, tensor_of
+from munit_compile.ir import concrete_shape, numel, tensor_of
 from munit_compile.passes.values import Moments
 
 FORWARD_RULES: dict[Any, Callable] = {}
@@ -52,16 +52,16 @@ class Site:
             return self.args[i]
         return self.kwargs.get(name, default)
 
-    def shape(self, i: int) -> torch.Size:
-        """Shape of tensor argument `i` (positional)."""
+    def shape(self, i: int) -> tuple[int, ...]:
+        """Shape of tensor argument `i` (positional); symbolic sizes give their example values."""
         t = tensor_of(self.node.args[i])
         if t is None:
             raise ValueError(f"argument {i} of {self.node.format_node()} is not a tensor")
-        return t.shape
+        return concrete_shape(t.shape)
 
     @property
-    def out_shape(self) -> torch.Size:
-        return self.node.meta["val"].shape
+    def out_shape(self) -> tuple[int, ...]:
+        return concrete_shape(self.node.meta["val"].shape)
 
     def broadcast_factor(self, i: int) -> float:
         """How many output elements each element of argument `i` feeds (its grads add up)."""
