@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Sequence
 
 import torch.fx as fx
@@ -12,6 +14,8 @@ import torch.fx as fx
 import munit_compile.ops  # noqa: F401  (registers the munit:: custom ops)
 from munit_compile.config import Config
 from munit_compile.pipeline import CompileReport, run_pipeline
+
+log = logging.getLogger("munit_compile")
 
 
 def _inductor(gm, example_inputs):
@@ -39,9 +43,18 @@ class MunitBackend:
         self.reports: list[CompileReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
-        gm, report = run_pipeline(gm, example_inputs, self.config)
+        try:
+            planned, report = run_pipeline(copy.deepcopy(gm), example_inputs, self.config)
+        except Exception as err:
+            if self.config.strict:
+                raise
+            log.warning(
+                "munit: analysis failed on a graph (%s: %s); compiling it unchanged in high precision. "
+                "Config(strict=True) raises instead.", type(err).__name__, err,
+            )
+            planned, report = gm, CompileReport(failure=f"{type(err).__name__}: {err}")
         self.reports.append(report)
-        return INNER_COMPILERS[self.config.inner_compiler](gm, example_inputs)
+        return INNER_COMPILERS[self.config.inner_compiler](planned, example_inputs)
 
     def __repr__(self) -> str:
         return f"MunitBackend({self.config})"

@@ -33,6 +33,7 @@ class CompileReport:
     gemms: list[GemmDecision] = field(default_factory=list)
     unknown_ops: Counter = field(default_factory=Counter)  # "unknown (from op: reason)" -> nodes
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None  # set when a pass raised and the graph was compiled unchanged
 
     @property
     def gemms_fp8(self) -> int:

@@ -14,7 +14,7 @@ import munit_compile as munit
 from small_models import VOCAB, MLP, PreLNBlock, builtin_gpt, gpt2, hidden_gemm_modules, llama
 from simulated_fp8 import patch_linear_modules
 
-FAST = munit.Config(inner_compiler="aot_eager")
+FAST = munit.Config(inner_compiler="aot_eager", strict=True)
 
 
 def _float_input():
@@ -255,3 +255,23 @@ def test_dynamic_shapes_compile_plan_and_train(case, caplog):
     report = be.reports[-1]
     assert report.gemms_fp8 == len(hidden_gemm_modules(model)) and not report.unknown_ops
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_a_failing_pass_falls_back_to_high_precision_unless_strict(monkeypatch, caplog):
+    import munit_compile.pipeline as pipeline
+
+    def broken(state):
+        raise RuntimeError("boom in variance")
+
+    monkeypatch.setattr(pipeline, "PIPELINE", tuple(
+        pipeline.Pass(p.name, broken if p.name == "variance" else p.run) for p in pipeline.PIPELINE
+    ))
+    model, x = MLP(), _float_input()
+    be = munit.backend(munit.Config(inner_compiler="aot_eager"))
+    with caplog.at_level(logging.WARNING, logger="munit_compile"):
+        out = torch.compile(copy.deepcopy(model), backend=be)(x)
+    torch.testing.assert_close(out, model(x))
+    assert be.reports[0].failure == "RuntimeError: boom in variance" and not be.reports[0].gemms
+    assert any("boom in variance" in r.getMessage() and "high precision" in r.getMessage() for r in caplog.records)
+    with pytest.raises(Exception, match="boom in variance"):
+        torch.compile(copy.deepcopy(model), backend=munit.backend(FAST))(x)
