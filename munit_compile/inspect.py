@@ -122,6 +122,7 @@ def _inspect_graph(gm, inputs, config, measure, report, parameter_moments):
             if decision.fp8:
                 row["fp8"] = {k: getattr(decision, k) for k in
                               ("x_format", "x_scale", "w_format", "w_scale", "grad_format", "grad_scale")}
+                row["reason"] = _underflow_note(decision)
             elif row["status"] == "ok":
                 row["status"], row["reason"] = "high_precision", decision.reason
     report.rows += snapshot["rows"]
@@ -156,6 +157,12 @@ def _rows(gm: fx.GraphModule) -> list[dict]:
             "reason": reason,
         })
     return rows
+
+
+def _underflow_note(decision) -> str:
+    parts = [f"{what} {share:.1%}" for what, share in (("x", decision.x_underflow), ("d out", decision.grad_underflow))
+             if share is not None]
+    return "below the smallest normal after scaling: " + ", ".join(parts) if parts else ""
 
 
 def _unknown_origins(gm: fx.GraphModule) -> set[str]:

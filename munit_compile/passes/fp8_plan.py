@@ -10,14 +10,15 @@ weights from the parameter's measured σ at compile time.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from munit_compile.config import Config
 from munit_compile.ir import META_BWD, META_FWD, META_PLAN, META_ROLE, concrete_shape, tensor_of
-from munit_compile.ops.formats import power_of_two_scale
+from munit_compile.ops.formats import fp8_format, power_of_two_scale
+from munit_compile.passes import gaussian
 from munit_compile.passes.rules.shape import PASS_THROUGH
 from munit_compile.passes.values import Moments, Unknown
 
@@ -52,6 +53,8 @@ class GemmDecision:
     w_scale: float | None = None
     grad_format: str | None = None
     grad_scale: float | None = None
+    x_underflow: float | None = None     # predicted share of scaled x below its format's smallest normal
+    grad_underflow: float | None = None  # the same for the scaled output gradient
 
 
 def _linear_operands(node: fx.Node) -> GemmOperands | None:
@@ -151,6 +154,7 @@ class _CheckContext:
     embedding_tables: frozenset  # weight nodes of the graph's embeddings
     vocab_sizes: frozenset       # their row counts
     node: fx.Node | None = None
+    underflow_cache: dict = field(default_factory=dict)
 
     @staticmethod
     def of(gm: fx.GraphModule, config: Config) -> "_CheckContext":
@@ -175,7 +179,7 @@ def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:
         )
         if not config.fp8:
             reason = "FP8 disabled in Config (fp8=False)"
-        decision = GemmDecision(node.name, False, reason) if reason else _rewrite(gm, node, operands, config)
+        decision = GemmDecision(node.name, False, reason) if reason else _rewrite(gm, node, operands, ctx)
         node.meta[META_PLAN] = decision
         decisions.append(decision)
     gm.graph.lint()
@@ -183,7 +187,34 @@ def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:
     return decisions
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, config: Config) -> GemmDecision:
+UNDERFLOW_SAMPLES = 1 << 15
+
+
+def underflow_fraction(value: Moments, scale: float, fmt: str, cache: dict | None = None) -> float | None:
+    """Share of nonzero elements whose |x·scale| falls below the format's smallest normal (they lose
+    precision as subnormals or flush to zero), from the value's distribution shape; None if unknown.
+    Gaussian: closed form; a known non-Gaussian shape (activations, products): seeded sampling,
+    memoized in `cache` per (value, threshold) while the values are alive (GEMMs share inputs)."""
+    threshold = fp8_format(fmt).min_normal / scale
+    if value.sampler is None and value.gaussian and not value.row_constant:
+        return gaussian.below_fraction(value.mean, value.std, threshold)
+    cache = {} if cache is None else cache
+    key = (id(value), threshold)
+    if key not in cache:
+        cache[key] = _sampled_underflow(value, threshold)
+    return cache[key]
+
+
+def _sampled_underflow(value: Moments, threshold: float) -> float | None:
+    samples = value.draw(UNDERFLOW_SAMPLES, torch.Generator().manual_seed(0))
+    if samples is None:
+        return None
+    magnitude = samples.abs()
+    return ((magnitude > 0) & (magnitude < threshold)).double().mean().item()
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, ctx: _CheckContext) -> GemmDecision:
+    config = ctx.config
     x_scale = power_of_two_scale(g.x.meta[META_FWD].rms)
     w_scale = power_of_two_scale(g.w.meta[META_FWD].rms)
     grad_scale = power_of_two_scale(node.meta[META_BWD].rms)
@@ -201,6 +232,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, config: Config)
     decision = GemmDecision(
         node.name, True, "",
         config.forward_format, x_scale, config.forward_format, w_scale, config.grad_format, grad_scale,
+        underflow_fraction(g.x.meta[META_FWD], x_scale, config.forward_format, ctx.underflow_cache),
+        underflow_fraction(node.meta[META_BWD], grad_scale, config.grad_format, ctx.underflow_cache),
     )
     node.replace_all_uses_with(fp8)
     gm.graph.erase_node(node)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -19,6 +20,7 @@ class Moments:
     row_constant: the value is a reduction (e.g. mean over a dim) and barely varies: treat it as a constant.
     concrete: the exact tensor, when it depends only on constants (folded at compile time).
     std_range: where σ varies along the sequence, its (min, max) over positions; `std` is the tensor-wide value.
+    sampler: draws samples of the element distribution where its shape matters (see `draw`).
     """
 
     mean: float
@@ -28,6 +30,23 @@ class Moments:
     concrete: torch.Tensor | None = field(default=None, compare=False, repr=False)
     std_range: tuple[float, float] | None = field(default=None, compare=False)
     """(min, max) of σ along the sequence, where it varies by position (causal attention outputs)."""
+    sampler: Callable[[int, torch.Generator], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    """Draws n float64 samples of the element distribution, where its shape is known beyond μ and m2
+    (an activation of a Gaussian, a product of such): what an FP8 cast's underflow depends on."""
+
+    @property
+    def drawable(self) -> bool:
+        return self.sampler is not None or self.row_constant or self.gaussian
+
+    def draw(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
+        """n samples of the element distribution: exact shape if known, normal if Gaussian, else None."""
+        if self.sampler is not None:
+            return self.sampler(n, gen)
+        if self.row_constant:
+            return torch.full((n,), self.mean, dtype=torch.float64)
+        if self.gaussian:
+            return self.mean + self.std * torch.randn(n, generator=gen, dtype=torch.float64)
+        return None
 
     @property
     def var(self) -> float:
@@ -47,7 +66,8 @@ class Moments:
         t64 = t.detach().to(torch.float64)
         mean = t64.mean().item() if t64.numel() else 0.0
         m2 = (t64 * t64).mean().item() if t64.numel() else 0.0
-        return Moments(mean, m2, gaussian=True, concrete=t.detach() if keep else None)
+        constant = m2 - mean * mean <= 1e-12 * m2  # e.g. norm gains at init: all ones
+        return Moments(mean, m2, gaussian=True, row_constant=constant, concrete=t.detach() if keep else None)
 
     @staticmethod
     def constant(c: float) -> "Moments":

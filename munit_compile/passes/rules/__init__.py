@@ -73,7 +73,8 @@ class Site:
 
 def scaled(m: Moments, c: float) -> Moments:
     """Moments of c·X."""
-    return Moments(m.mean * c, m.m2 * c * c, m.gaussian, m.row_constant)
+    sampler = None if m.sampler is None else (lambda n, gen: c * m.sampler(n, gen))
+    return Moments(m.mean * c, m.m2 * c * c, m.gaussian, m.row_constant, sampler=sampler)
 
 
 def grad(m2: float) -> Moments:

@@ -36,9 +36,11 @@ _ACTIVATIONS = {
 @forward_rule(aten.gelu.default, *_ACTIVATIONS)
 def activation(site):
     """y = f(x): (E f(X), E f(X)²) by Gauss–Hermite quadrature (x taken as Gaussian with its μ, σ)."""
-    x = site.args[0]
-    mean, m2 = gaussian.moments(_activation(site), x.mean, x.std)
-    return Moments(mean, m2, gaussian=False, row_constant=x.row_constant)
+    x, f = site.args[0], _activation(site)
+    mean, m2 = gaussian.moments(f, x.mean, x.std)
+    source = Moments.normal(x.mean, x.var)
+    return Moments(mean, m2, gaussian=False, row_constant=x.row_constant,
+                   sampler=lambda n, gen: f(source.draw(n, gen)))
 
 
 @backward_rule(aten.gelu.default, *_ACTIVATIONS)
@@ -79,7 +81,9 @@ def relu(site):
         return Moments.constant(max(x.mean, 0.0))
     pdf, cdf = _normal_pdf_cdf(x.mean / x.std)
     mean = x.mean * cdf + x.std * pdf
-    return Moments(mean, (x.mean**2 + x.var) * cdf + x.mean * x.std * pdf, gaussian=False)
+    source = Moments.normal(x.mean, x.var)
+    return Moments(mean, (x.mean**2 + x.var) * cdf + x.mean * x.std * pdf, gaussian=False,
+                   sampler=lambda n, gen: torch.relu(source.draw(n, gen)))
 
 
 @backward_rule(aten.relu.default)

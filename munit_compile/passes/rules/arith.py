@@ -15,23 +15,40 @@ def as_moments(v) -> Moments:
     return v if isinstance(v, Moments) else Moments.constant(float(v))
 
 
+def combined_sampler(a: Moments, b: Moments, combine, result_gaussian: bool):
+    """Samples of combine(A, B) for independent A, B, where the result's shape is not Gaussian
+    (a Gaussian result needs no sampler: `draw` samples it from μ and σ)."""
+    if result_gaussian or not (a.drawable and b.drawable):
+        return None
+
+    def sample(n, gen):
+        xa, xb = a.draw(n, gen), b.draw(n, gen)
+        return None if xa is None or xb is None else combine(xa, xb)
+
+    return sample
+
+
 def add_moments(a: Moments, b: Moments, alpha: float = 1.0) -> Moments:
     """a + α·b, independent: μ = μa + αμb, m2 = m2a + α²m2b + 2αμaμb."""
+    gaussian = (a.gaussian or a.row_constant) and (b.gaussian or b.row_constant)
     return Moments(
         a.mean + alpha * b.mean,
         a.m2 + alpha * alpha * b.m2 + 2 * alpha * a.mean * b.mean,
-        gaussian=(a.gaussian or a.row_constant) and (b.gaussian or b.row_constant),
+        gaussian=gaussian,
         row_constant=a.row_constant and b.row_constant,
+        sampler=combined_sampler(a, b, lambda xa, xb: xa + alpha * xb, gaussian),
     )
 
 
 def mul_moments(a: Moments, b: Moments) -> Moments:
     """a·b, independent: μ = μaμb, m2 = m2a·m2b (Gaussian only if one factor is constant)."""
+    gaussian = (a.gaussian and b.row_constant) or (b.gaussian and a.row_constant) or (a.row_constant and b.row_constant)
     return Moments(
         a.mean * b.mean,
         a.m2 * b.m2,
-        gaussian=(a.gaussian and b.row_constant) or (b.gaussian and a.row_constant),
+        gaussian=gaussian,
         row_constant=a.row_constant and b.row_constant,
+        sampler=combined_sampler(a, b, lambda xa, xb: xa * xb, gaussian),
     )
 
 
