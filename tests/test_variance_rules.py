@@ -541,3 +541,36 @@ def test_cross_entropy_seed_for_logits_output(logits_shape):
     assert meas_value == pytest.approx(0.02, rel=0.1)  # the logits are indeed small
     assert predicted(logits, META_BWD) ** 2 == pytest.approx((1 - 1 / vocab) / vocab / tokens**2, rel=1e-12)
     check(f"CE seed for logits {tuple(logits_shape)}", predicted(logits, META_BWD), meas_grad, 1.10)
+
+
+# ---------------------------------------------------------------- ops added from the transformers survey
+
+EXTRA_ELEMENTWISE = {
+    "softplus": lambda x: F.softplus(x),
+    "softplus_beta2": lambda x: F.softplus(x, beta=2.0),
+    "square": lambda x: torch.square(x),
+    "abs": lambda x: torch.abs(x),
+    "clamp": lambda x: torch.clamp(x, -0.5, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(EXTRA_ELEMENTWISE))
+@FEW_SETTINGS
+@given(mean=means, std=sigmas, seed=seeds)
+def test_extra_elementwise_rules(name, mean, std, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = param(gen, NUMEL, mean=mean, std=std)
+    f = EXTRA_ELEMENTWISE[name]
+    out, grads = run_eager(f, [x], gen)
+    # clamp' is a step (closed form), abs'² = 1: exact, with an indicator's noise floor
+    floor = 2 / math.sqrt(NUMEL) if name in ("clamp", "abs") else 1e-3 * std
+    check_graph(f"{name}(N({mean:.3g}, {std:.3g}²))", analyse(f, [x]), out, grads, EXACT, [EXACT], floor=floor)
+
+
+def test_constant_like_ops_are_constants():
+    gen = torch.Generator().manual_seed(0)
+    x = param(gen, 64, 64)
+    f = lambda x: x * torch.ones_like(x) * 3.0 + torch.zeros_like(x) + x.new_full((64, 64), 2.0)
+    gm = analyse(f, [x])
+    out, _ = run_eager(f, [x], gen)
+    check_sample("x·ones·3 + zeros + full(2)", predicted(output_node(gm)), out, EXACT)

@@ -1,6 +1,7 @@
 """Pointwise nonlinearities: exact moments of f(X), X ~ N(μ, σ²), and E[f'(X)²] for the gradient."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,10 +23,27 @@ def _activation(site):
     target = site.node.target
     if target is aten.gelu.default:
         return _gelu_tanh if site.arg(1, "approximate", "none") == "tanh" else F.gelu
+    if target is aten.softplus.default:
+        return _softplus(site.arg(1, "beta", 1.0), site.arg(2, "threshold", 20.0))
+    if target is aten.clamp.default:
+        return _clamp(site.arg(1, "min"), site.arg(2, "max"))
     return _ACTIVATIONS[target]
 
 
+@functools.lru_cache(maxsize=64)
+def _softplus(beta, threshold):
+    return lambda x: F.softplus(x, beta=beta, threshold=threshold)
+
+
+@functools.lru_cache(maxsize=64)
+def _clamp(low, high):
+    return lambda x: torch.clamp(x, low, high)
+
+
 _ACTIVATIONS = {
+    aten.softplus.default: F.softplus,
+    aten.abs.default: torch.abs,
+    aten.square.default: torch.square,
     aten.silu.default: F.silu,
     aten.tanh.default: torch.tanh,
     aten.sigmoid.default: torch.sigmoid,
@@ -33,7 +51,7 @@ _ACTIVATIONS = {
 }
 
 
-@forward_rule(aten.gelu.default, *_ACTIVATIONS)
+@forward_rule(aten.gelu.default, aten.clamp.default, *_ACTIVATIONS)
 def activation(site):
     """y = f(x): (E f(X), E f(X)²) by Gauss–Hermite quadrature (x taken as Gaussian with its μ, σ)."""
     x, f = site.args[0], _activation(site)
@@ -48,6 +66,21 @@ def activation_grad(site, g):
     """dx = f'(x)·dy: m2 = E[f'(X)²]·m2(dy)."""
     x = site.args[0]
     return (grad(g.m2 * gaussian.grad_m2(_activation(site), x.mean, x.std)),)
+
+
+@backward_rule(aten.clamp.default)
+def clamp_grad(site, g):
+    """dx = 1[low < x < high]·dy: m2 = P(low < X < high)·m2(dy) (closed form: f' is a step)."""
+    x, low, high = site.args[0], site.arg(1, "min"), site.arg(2, "max")
+    share = _between(x, -math.inf if low is None else low, math.inf if high is None else high)
+    return (grad(g.m2 * share), None, None)
+
+
+def _between(x: Moments, low: float, high: float) -> float:
+    if x.std == 0:
+        return float(low < x.mean < high)
+    cdf = lambda v: 0.5 * (1 + math.erf((v - x.mean) / (x.std * math.sqrt(2)))) if math.isfinite(v) else float(v > 0)
+    return cdf(high) - cdf(low)
 
 
 @forward_rule(aten.cos.default, aten.sin.default)

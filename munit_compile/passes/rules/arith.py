@@ -60,7 +60,7 @@ def inverse_moments(b: Moments, power: float = 1.0) -> Moments | Unknown:
     return Moments.constant(c)
 
 
-@forward_rule(aten.add.Tensor, aten.add.Scalar)
+@forward_rule(aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor)
 def add(site):
     """y = a + α·b."""
     return add_moments(as_moments(site.args[0]), as_moments(site.args[1]), site.arg(2, "alpha", 1))
@@ -78,7 +78,7 @@ def rsub(site):
     return add_moments(as_moments(site.args[1]), as_moments(site.args[0]), -site.arg(2, "alpha", 1))
 
 
-@backward_rule(aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+@backward_rule(aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.sub.Tensor, aten.sub.Scalar,
                aten.rsub.Scalar, aten.rsub.Tensor)
 def add_grad(site, g):
     """da = dy, db = ±α·dy, each summed over its broadcast copies."""
@@ -90,13 +90,13 @@ def add_grad(site, g):
     )
 
 
-@forward_rule(aten.mul.Tensor, aten.mul.Scalar)
+@forward_rule(aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor)
 def mul(site):
     """y = a·b."""
     return mul_moments(as_moments(site.args[0]), as_moments(site.args[1]))
 
 
-@backward_rule(aten.mul.Tensor, aten.mul.Scalar)
+@backward_rule(aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor)
 def mul_grad(site, g):
     """da = b·dy: m2 = m2b·m2(dy) (× broadcast), and symmetrically."""
     a, b = as_moments(site.args[0]), as_moments(site.args[1])
@@ -106,14 +106,14 @@ def mul_grad(site, g):
     )
 
 
-@forward_rule(aten.div.Tensor, aten.div.Scalar)
+@forward_rule(aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor)
 def div(site):
     """y = a / b for a constant (or row-constant) b."""
     inv = inverse_moments(as_moments(site.args[1]))
     return inv if isinstance(inv, Unknown) else mul_moments(as_moments(site.args[0]), inv)
 
 
-@backward_rule(aten.div.Tensor, aten.div.Scalar)
+@backward_rule(aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor)
 def div_grad(site, g):
     """da = dy/b; db = −a·dy/b² (b constant): m2 = m2a·m2(dy)/b⁴ (× broadcast)."""
     a, b = as_moments(site.args[0]), as_moments(site.args[1])
@@ -188,3 +188,22 @@ def constant_function_grad(site, g):
     return (grad(g.m2 * df(site.args[0].mean) ** 2),)
 
 
+
+
+_CONSTANT_LIKE = {  # op: position of its fill value, or the value itself
+    aten.zeros_like.default: 0.0, aten.ones_like.default: 1.0, aten.full_like.default: 1,
+    aten.new_zeros.default: 0.0, aten.new_ones.default: 1.0, aten.new_full.default: 2,
+}
+
+
+@forward_rule(*_CONSTANT_LIKE)
+def constant_like(site):
+    """zeros_like / ones_like / full_like / new_*: a constant, whatever the input's values."""
+    fill = _CONSTANT_LIKE[site.node.target]
+    return Moments.constant(float(site.args[fill]) if isinstance(fill, int) else fill)
+
+
+@backward_rule(*_CONSTANT_LIKE)
+def constant_like_grad(site, g):
+    """No gradient flows into the template tensor."""
+    return (None,)
