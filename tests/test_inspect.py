@@ -156,3 +156,25 @@ def test_predicted_fp8_underflow_of_the_down_projection_input(module):
     # the shape of GELU(X) and of silu(G)·U matters: a Gaussian of the same σ would give ~1.3 %
     assert measured > 0.005
     assert abs(predicted - measured) <= 0.15 * measured + 0.002, (predicted, measured)
+
+
+class SplitThenCumsum(nn.Module):
+    """fc's output is split: one piece feeds `out`, the other an op with no rule (cumsum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(32, 64), nn.Linear(32, 32)
+
+    def forward(self, x):
+        a, b = self.fc(x).split([32, 32], -1)
+        return self.out(a) + torch.cumsum(b, -1)
+
+
+def test_unknown_gradient_reaches_only_the_gemms_behind_it():
+    report = munit.inspect(SplitThenCumsum(), torch.randn(8, 32))
+    fc, out = [r for r in report.rows if r["op"] == "aten.linear.default"]
+    # d fc flows back through cumsum (no gradient rule): unknown, so fc stays in high precision
+    assert fc["status"] == "unknown" and "aten.cumsum" in fc["reason"] and fc["fp8"] is None
+    # `out` sees a known input and a known gradient, even though the sum it feeds is unknown
+    assert out["status"] == "ok" and out["fp8"] is not None
+    assert report.summary["unknown_ops"] == ["aten.cumsum.default"]

@@ -216,7 +216,8 @@ def _accumulate(parts: list):
         by_index: dict[int, list] = defaultdict(list)
         for index, g in parts:
             by_index[index].append(g)
-        return {i: _accumulate(gs) for i, gs in by_index.items()}
+        pieces = {i: _accumulate(gs) for i, gs in by_index.items()}
+        return first_unknown(*pieces.values()) or pieces  # an unknown piece keeps its own origin
     unknown = first_unknown(*parts)
     if unknown is not None:
         return unknown
@@ -230,18 +231,19 @@ def _input_grads(node: fx.Node, g):
     targets = _differentiable_args(node)
     if not targets:
         return []
+    if isinstance(g, Unknown):
+        return [(n, g) for n in targets]
     out_value = node.meta.get(META_FWD)
-    if isinstance(g, Unknown) or isinstance(out_value, Unknown):
-        reason = g if isinstance(g, Unknown) else out_value
-        return [(n, reason) for n in targets]
     rule = BACKWARD_RULES.get(node.target)
     if rule is None:
         return [(n, Unknown(op_name(node.target), "no gradient rule")) for n in targets]
-    try:
+    try:  # many gradient rules need no forward value (add, views); the rest fail on an unknown one
         grads = rule(Site(node, args, kwargs, out=out_value), g)
     except Exception as err:
         log.debug("gradient rule for %s failed: %s", node.format_node(), err)
-        return [(n, Unknown(op_name(node.target), f"gradient rule failed: {err}")) for n in targets]
+        unknown = first_unknown(out_value, *args, *kwargs.values())
+        reason = unknown or Unknown(op_name(node.target), f"gradient rule failed: {err}")
+        return [(n, reason) for n in targets]
     pairs = []
     for arg, arg_grad in zip(node.args, grads):
         if isinstance(arg, (list, tuple)) and isinstance(arg_grad, (list, tuple)):

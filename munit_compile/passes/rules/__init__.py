@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from munit_compile.ir import concrete_shape, numel, tensor_of
-from munit_compile.passes.values import Moments
+from munit_compile.passes.values import Moments, Unknown
 
 FORWARD_RULES: dict[Any, Callable] = {}
 BACKWARD_RULES: dict[Any, Callable] = {}
@@ -69,6 +69,11 @@ class Site:
         if t is None:
             return 1.0
         return numel(self.out_shape) / max(numel(t.shape), 1)
+
+
+def is_tensor(value) -> bool:
+    """Whether a rule argument is a tensor (its Value may be Unknown: gradients still flow into it)."""
+    return isinstance(value, (Moments, Unknown))
 
 
 def scaled(m: Moments, c: float) -> Moments:

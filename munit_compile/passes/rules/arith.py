@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from munit_compile.passes import gaussian
-from munit_compile.passes.rules import backward_rule, forward_rule, grad, scaled
+from munit_compile.passes.rules import backward_rule, forward_rule, grad, is_tensor, scaled
 from munit_compile.passes.values import Moments, Unknown
 
 aten = torch.ops.aten
@@ -85,7 +85,7 @@ def add_grad(site, g):
     alpha = site.arg(2, "alpha", 1)
     scales = (1.0, alpha) if site.node.target not in (aten.rsub.Scalar, aten.rsub.Tensor) else (alpha, 1.0)
     return tuple(
-        grad(g.m2 * s * s * site.broadcast_factor(i)) if isinstance(site.args[i], Moments) else None
+        grad(g.m2 * s * s * site.broadcast_factor(i)) if is_tensor(site.args[i]) else None
         for i, s in enumerate(scales)
     )
 
@@ -101,8 +101,8 @@ def mul_grad(site, g):
     """da = b·dy: m2 = m2b·m2(dy) (× broadcast), and symmetrically."""
     a, b = as_moments(site.args[0]), as_moments(site.args[1])
     return (
-        grad(g.m2 * b.m2 * site.broadcast_factor(0)) if isinstance(site.args[0], Moments) else None,
-        grad(g.m2 * a.m2 * site.broadcast_factor(1)) if isinstance(site.args[1], Moments) else None,
+        grad(g.m2 * b.m2 * site.broadcast_factor(0)) if is_tensor(site.args[0]) else None,
+        grad(g.m2 * a.m2 * site.broadcast_factor(1)) if is_tensor(site.args[1]) else None,
     )
 
 
@@ -119,8 +119,8 @@ def div_grad(site, g):
     a, b = as_moments(site.args[0]), as_moments(site.args[1])
     inv2 = 1.0 / (b.mean * b.mean)
     return (
-        grad(g.m2 * inv2 * site.broadcast_factor(0)) if isinstance(site.args[0], Moments) else None,
-        grad(g.m2 * a.m2 * inv2 * inv2 * site.broadcast_factor(1)) if isinstance(site.args[1], Moments) else None,
+        grad(g.m2 * inv2 * site.broadcast_factor(0)) if is_tensor(site.args[0]) else None,
+        grad(g.m2 * a.m2 * inv2 * inv2 * site.broadcast_factor(1)) if is_tensor(site.args[1]) else None,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from munit_compile.ir import numel
-from munit_compile.passes.rules import backward_rule, forward_rule, grad
+from munit_compile.passes.rules import backward_rule, forward_rule, grad, is_tensor
 from munit_compile.passes.rules.arith import add_moments
 from munit_compile.passes.values import Moments
 
@@ -36,7 +36,7 @@ def linear_grad(site, g):
     x, w = site.args[0], site.args[1]
     n, k = site.shape(1)
     rows = numel(site.shape(0)) // k
-    db = grad(rows * g.m2) if isinstance(site.arg(2, "bias"), Moments) else None
+    db = grad(rows * g.m2) if is_tensor(site.arg(2, "bias")) else None
     return grad(n * w.m2 * g.m2), grad(rows * x.m2 * g.m2), db
 
 
@@ -56,7 +56,7 @@ def addmm_grad(site, g):
     b, m1, m2 = site.args[0], site.args[1], site.args[2]
     beta, alpha = site.arg(3, "beta", 1), site.arg(4, "alpha", 1)
     rows, n = site.out_shape
-    db = grad(beta * beta * g.m2 * site.broadcast_factor(0)) if isinstance(b, Moments) else None
+    db = grad(beta * beta * g.m2 * site.broadcast_factor(0)) if is_tensor(b) else None
     return db, grad(alpha**2 * n * m2.m2 * g.m2), grad(alpha**2 * rows * m1.m2 * g.m2)
 
 

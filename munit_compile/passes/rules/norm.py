@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from munit_compile.ir import numel
-from munit_compile.passes.rules import backward_rule, forward_rule, grad
+from munit_compile.passes.rules import backward_rule, forward_rule, grad, is_tensor
 from munit_compile.passes.rules.arith import add_moments, mul_moments
 from munit_compile.passes.values import Moments
 
@@ -33,8 +33,8 @@ def _norm_grads(site, g, inv_scale2: float, normed_m2: float, weight, bias) -> t
     return (
         grad(g.m2 * w_m2 * inv_scale2),
         None,
-        grad(rows * normed_m2 * g.m2) if isinstance(weight, Moments) else None,
-        grad(rows * g.m2) if isinstance(bias, Moments) else None,
+        grad(rows * normed_m2 * g.m2) if is_tensor(weight) else None,
+        grad(rows * g.m2) if is_tensor(bias) else None,
     )
 
 
