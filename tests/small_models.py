@@ -17,6 +17,17 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+class CumsumThenLinear(nn.Module):
+    """A GEMM fed by an op the analysis has no rule for (cumsum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
+
+
 class PreLNBlock(nn.Module):
     """x + attn(LN(x)); x + mlp(LN(x)) with causal SDPA and tanh-GELU."""
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 import munit_compile as munit
-from small_models import VOCAB, MLP, PreLNBlock, builtin_gpt, gpt2, hidden_gemm_modules, llama
+from small_models import VOCAB, MLP, CumsumThenLinear, PreLNBlock, builtin_gpt, gpt2, hidden_gemm_modules, llama
 from simulated_fp8 import patch_linear_modules
 
 FAST = munit.Config(inner_compiler="aot_eager", strict=True)
@@ -185,17 +185,6 @@ def test_model_without_eligible_gemm_runs_unchanged_and_says_why(caplog):
     (decision,) = be.reports[0].gemms
     assert not decision.fp8 and "K=10" in decision.reason and "multiples of 16" in decision.reason
     assert any("nothing converted to FP8" in r.getMessage() and "K=10" in r.getMessage() for r in caplog.records)
-
-
-class CumsumThenLinear(nn.Module):
-    """A GEMM fed by an op the analysis has no rule for (cumsum)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
-
-    def forward(self, x):
-        return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
 
 
 def test_unknown_op_keeps_dependent_gemm_high_precision(caplog):

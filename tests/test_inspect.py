@@ -12,7 +12,7 @@ import torch.nn as nn
 import munit_compile as munit
 from munit_compile.inspect import ROW_KEYS
 from munit_compile.passes.values import Moments
-from small_models import VOCAB, builtin_gpt, gpt2, hidden_gemm_modules, llama, mistral, qwen2
+from small_models import VOCAB, CumsumThenLinear, builtin_gpt, gpt2, hidden_gemm_modules, llama, mistral, qwen2
 
 MODELS = {"builtin_gpt": builtin_gpt, "llama": llama, "gpt2": gpt2, "mistral": mistral, "qwen2": qwen2}
 
@@ -84,15 +84,6 @@ def test_without_measure_the_measured_fields_are_null():
     assert all(r["meas_std"] is None and r["meas_grad_std"] is None for r in report.rows)
     assert report.summary["frac_within_sqrt2"] is None and report.summary["max_abs_log2_error"] is None
     assert report.summary["gemms_fp8"] == 8
-
-
-class CumsumThenLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
-
-    def forward(self, x):
-        return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
 
 
 def test_unknown_op_is_named_and_its_gemm_stays_high_precision():
