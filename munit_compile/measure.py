@@ -43,14 +43,16 @@ class _Recorder(fx.Interpreter):
 
 def measure_graph(gm: fx.GraphModule, example_inputs: Sequence, loss_fn: Callable | None = None) -> dict[str, Measured]:
     """{node name: Measured} for every float tensor node of `gm` (placeholders included)."""
-    inputs = [x.detach().requires_grad_(True) if isinstance(x, torch.nn.Parameter) else x for x in example_inputs]
+    # fresh leaves: parameters need grads; other inputs may carry autograd history from an earlier graph
+    inputs = [x.detach().requires_grad_(isinstance(x, torch.nn.Parameter)) if isinstance(x, torch.Tensor) else x
+              for x in example_inputs]
     rec = _Recorder(gm)
     with torch.enable_grad():
         outputs = rec.run(*inputs)
         loss = loss_fn(outputs) if loss_fn is not None else next(
             (o for o in outputs if isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad), None
         )
-        if loss is not None:
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
             loss.backward()
     result = {}
     for name, t in rec.values.items():

@@ -169,3 +169,23 @@ def test_unknown_gradient_reaches_only_the_gemms_behind_it():
     # `out` sees a known input and a known gradient, even though the sum it feeds is unknown
     assert out["status"] == "ok" and out["fp8"] is not None
     assert report.summary["unknown_ops"] == ["aten.cumsum.default"]
+
+
+class SoftCappedLogits(nn.Module):
+    """Logits scaled and soft-capped before the loss (Cohere, Granite, Gemma 2 do this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt = builtin_gpt()
+
+    def forward(self, ids):
+        logits, _ = self.gpt(ids)
+        logits = 30.0 * torch.tanh(logits * 0.0625 / 30.0)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def test_lm_head_behind_logit_scaling_stays_high_precision():
+    report = munit.inspect(SoftCappedLogits(), torch.randint(0, VOCAB, (2, 16)), measure=True)
+    assert report.summary["gemms_fp8"] == 8 and report.summary["gemms_total"] == 9
+    (head,) = [r for r in report.rows if r["status"] == "high_precision"]
+    assert head["shape"][-1] == VOCAB and "LM head" in head["reason"]

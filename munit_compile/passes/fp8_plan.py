@@ -101,7 +101,7 @@ def _check_multiples(g: GemmOperands, ctx) -> str | None:
 def _check_not_vocabulary(g: GemmOperands, ctx) -> str | None:
     if g.w in ctx.embedding_tables:
         return "LM head (weight tied to the embedding) stays in high precision"
-    if g.n in ctx.vocab_sizes and _feeds_output_or_loss(ctx.node):
+    if g.n in ctx.vocab_sizes and _feeds_output_or_loss(ctx.node, g.n):
         return "LM head (N = vocabulary size, feeds the loss/logits) stays in high precision"
     return None
 
@@ -109,15 +109,18 @@ def _check_not_vocabulary(g: GemmOperands, ctx) -> str | None:
 _LOSS_OPS = (aten.cross_entropy_loss.default, aten.log_softmax.int, aten._log_softmax.default)
 
 
-def _feeds_output_or_loss(node: fx.Node) -> bool:
-    """Whether `node` reaches a graph output or a loss through layout-only ops."""
+def _feeds_output_or_loss(node: fx.Node, n: int) -> bool:
+    """Whether `node` reaches a graph output or a loss through ops that keep its last dim `n`
+    (views, dtype casts, logit scaling, soft-capping)."""
     frontier, seen = [node], set()
     while frontier:
-        n = frontier.pop()
-        for user in n.users:
+        current = frontier.pop()
+        for user in current.users:
             if user.op == "output" or user.target in _LOSS_OPS:
                 return True
-            if user.target in PASS_THROUGH and user not in seen:
+            val = user.meta.get("val")
+            keeps_vocab = isinstance(val, torch.Tensor) and val.dim() >= 1 and concrete_shape(val.shape)[-1] == n
+            if user not in seen and (user.target in PASS_THROUGH or keeps_vocab):
                 seen.add(user)
                 frontier.append(user)
     return False

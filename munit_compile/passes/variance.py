@@ -60,7 +60,10 @@ def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
         node.meta[META_FWD] = _input_value(node, example, parameter_moments)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            node.meta[META_FWD] = _input_value(node, _get_attr(gm, node.target))
+            try:
+                node.meta[META_FWD] = _input_value(node, _get_attr(gm, node.target))
+            except RuntimeError as err:  # e.g. a functorch-wrapped constant with no readable storage
+                node.meta[META_FWD] = Unknown(f"constant {node.target}", f"cannot be read: {err}")
         elif node.op == "call_function":
             node.meta[META_FWD] = forward_value(node)
 
