@@ -189,3 +189,37 @@ def test_lm_head_behind_logit_scaling_stays_high_precision():
     assert report.summary["gemms_fp8"] == 8 and report.summary["gemms_total"] == 9
     (head,) = [r for r in report.rows if r["status"] == "high_precision"]
     assert head["shape"][-1] == VOCAB and "LM head" in head["reason"]
+
+
+class HandWrittenCausalAttention(nn.Module):
+    """softmax(q kᵀ/√d + causal mask) v written out, the mask applied one of three common ways."""
+
+    def __init__(self, mask_style: str, d=64, heads=4):
+        super().__init__()
+        self.mask_style, self.heads = mask_style, heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        for proj in (self.q, self.k):  # logits of σ ≈ 1: attention neither flat nor one-hot
+            nn.init.normal_(proj.weight, std=0.3)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        future = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+        lowest = torch.tensor(torch.finfo(scores.dtype).min)
+        if self.mask_style == "masked_fill":
+            scores = scores.masked_fill(future, float("-inf"))
+        elif self.mask_style == "additive":
+            scores = scores + torch.where(future, lowest, torch.tensor(0.0))
+        else:
+            scores = torch.where(future, lowest, scores)
+        out = torch.softmax(scores, dim=-1) @ v
+        return self.o(out.transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.mark.parametrize("mask_style", ["masked_fill", "additive", "where"])
+def test_hand_written_masked_attention(mask_style):
+    report = munit.inspect(HandWrittenCausalAttention(mask_style), torch.randn(4, 64, 64), measure=True)
+    print(f"\n{mask_style}: worst {[(c.gemm, c.operand, round(c.log2_error, 2)) for c in report.worst(3)]}")
+    assert report.summary["unknown_ops"] == [] and report.summary["gemms_fp8"] == 4
+    assert report.summary["frac_within_sqrt2"] >= 0.95 and report.summary["max_abs_log2_error"] <= 0.75

@@ -30,6 +30,9 @@ class Moments:
     concrete: torch.Tensor | None = field(default=None, compare=False, repr=False)
     std_range: tuple[float, float] | None = field(default=None, compare=False)
     """(min, max) of σ along the sequence, where it varies by position (causal attention outputs)."""
+    visible: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
+    """For attention scores with a folded additive mask (≤ −1e4 entries): per query position, how many
+    entries along the last dim are not masked; μ and m2 then describe those entries only."""
     sampler: Callable[[int, torch.Generator], torch.Tensor] | None = field(default=None, compare=False, repr=False)
     """Draws n float64 samples of the element distribution, where its shape is known beyond μ and m2
     (an activation of a Gaussian, a product of such): what an FP8 cast's underflow depends on."""

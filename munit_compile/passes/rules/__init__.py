@@ -93,6 +93,7 @@ from munit_compile.passes.rules import (  # noqa: E402,F401
     arith,
     attention,
     gemm,
+    masking,
     norm,
     reduction,
     shape,

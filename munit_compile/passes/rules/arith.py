@@ -5,6 +5,7 @@ import torch
 
 from munit_compile.passes import gaussian
 from munit_compile.passes.rules import backward_rule, forward_rule, grad, is_tensor, scaled
+from munit_compile.passes.rules.masking import MASKED, masked
 from munit_compile.passes.values import Moments, Unknown
 
 aten = torch.ops.aten
@@ -62,8 +63,14 @@ def inverse_moments(b: Moments, power: float = 1.0) -> Moments | Unknown:
 
 @forward_rule(aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor)
 def add(site):
-    """y = a + α·b."""
-    return add_moments(as_moments(site.args[0]), as_moments(site.args[1]), site.arg(2, "alpha", 1))
+    """y = a + α·b; adding a folded additive mask (entries ≤ −1e4) masks those entries instead."""
+    a, b, alpha = site.args[0], site.args[1], site.arg(2, "alpha", 1)
+    for x, bias in ((a, b), (b, a)):
+        mask = getattr(bias, "concrete", None)
+        if isinstance(x, Moments) and mask is not None and alpha == 1 and bool((mask <= MASKED).any()):
+            keep = mask > MASKED
+            return masked(add_moments(x, Moments.of_tensor(mask[keep])), keep, site.out_shape)
+    return add_moments(as_moments(a), as_moments(b), alpha)
 
 
 @forward_rule(aten.sub.Tensor, aten.sub.Scalar)

@@ -47,18 +47,18 @@ def weight_stats(logit_var: float, counts: list[float]) -> list[tuple[float, flo
 
 @forward_rule(aten.softmax.int, aten._softmax.default)
 def softmax(site):
-    """p = softmax(x) over n: μ = 1/n, m2 = E Σp² / n."""
-    n = site.shape(0)[site.args[1]]
-    ((sum_p2, _),) = weight_stats(site.args[0].var, [n])
-    return Moments(1.0 / n, sum_p2 / n, gaussian=False)
+    """p = softmax(x) over n: μ = 1/n, m2 = E Σp² / n, over the visible entries of masked scores."""
+    x, n = site.args[0], site.shape(0)[site.args[1]]
+    stats = weight_stats(x.var, list(x.visible or (n,)))
+    return Moments(1.0 / n, sum(s2 for s2, _ in stats) / len(stats) / n, gaussian=False)
 
 
 @backward_rule(aten.softmax.int, aten._softmax.default)
 def softmax_grad(site, g):
     """dx = p ⊙ (dp − Σ p·dp): m2 = E[Σp² − 2Σp³ + (Σp²)²]/n · m2(dp)."""
-    n = site.shape(0)[site.args[1]]
-    ((_, centered),) = weight_stats(site.args[0].var, [n])
-    return (grad(g.m2 * centered / n), None, None)
+    x, n = site.args[0], site.shape(0)[site.args[1]]
+    stats = weight_stats(x.var, list(x.visible or (n,)))
+    return (grad(g.m2 * sum(c for _, c in stats) / len(stats) / n), None, None)
 
 
 @lru_cache(maxsize=8)

@@ -8,6 +8,7 @@ import torch
 from munit_compile.ir import numel
 from munit_compile.passes.rules import backward_rule, forward_rule, grad, scaled
 from munit_compile.passes.rules.arith import as_moments
+from munit_compile.passes.rules.masking import is_mask_fill, masked
 from munit_compile.passes.values import Moments
 
 aten = torch.ops.aten
@@ -72,8 +73,14 @@ def _true_share(cond) -> float:
 @forward_rule(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
 def where(site):
     """y = cond ? a : b: the mixture with weights share(cond), 1 − share(cond)."""
-    f = _true_share(site.args[0])
-    a, b = as_moments(site.args[1]), as_moments(site.args[2])
+    cond, a, b = site.args[0], site.args[1], site.args[2]
+    keep = getattr(cond, "concrete", None)
+    if keep is not None and is_mask_fill(b) and isinstance(a, Moments):
+        return masked(a, keep, site.out_shape)
+    if keep is not None and is_mask_fill(a) and isinstance(b, Moments):
+        return masked(b, ~keep, site.out_shape)
+    f = _true_share(cond)
+    a, b = as_moments(a), as_moments(b)
     return Moments(f * a.mean + (1 - f) * b.mean, f * a.m2 + (1 - f) * b.m2, gaussian=False)
 
 
@@ -87,6 +94,9 @@ def where_grad(site, g):
 @forward_rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 def masked_fill(site):
     """y = mask ? value : x."""
+    mask = getattr(site.args[1], "concrete", None)
+    if mask is not None and is_mask_fill(site.args[2]):
+        return masked(site.args[0], ~mask, site.out_shape)
     f = _true_share(site.args[1])
     x, value = site.args[0], as_moments(site.args[2])
     return Moments((1 - f) * x.mean + f * value.mean, (1 - f) * x.m2 + f * value.m2, gaussian=False)
