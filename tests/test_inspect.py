@@ -223,3 +223,25 @@ def test_hand_written_masked_attention(mask_style):
     print(f"\n{mask_style}: worst {[(c.gemm, c.operand, round(c.log2_error, 2)) for c in report.worst(3)]}")
     assert report.summary["unknown_ops"] == [] and report.summary["gemms_fp8"] == 4
     assert report.summary["frac_within_sqrt2"] >= 0.95 and report.summary["max_abs_log2_error"] <= 0.75
+
+
+class MatmulWithTransposedWeights(nn.Module):
+    """Linear layers written as x @ W.T / x @ W.t() with bare parameters (Falcon, hand-written MLPs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(128, 64) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(64, 128) * 0.02)
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1.T) @ self.w2.t()
+
+
+def test_matmul_with_a_transposed_parameter_is_a_linear_layer():
+    model, x = MatmulWithTransposedWeights(), torch.randn(8, 16, 64)
+    report = munit.inspect(model, x, measure=True)
+    assert report.summary["gemms_fp8"] == report.summary["gemms_total"] == 2
+    assert report.summary["max_abs_log2_error"] <= 0.5
+    compiled = torch.compile(model, backend=munit.backend(munit.Config(inner_compiler="aot_eager", strict=True)))
+    out = compiled(x)
+    assert ((out - model(x)).norm() / model(x).norm()).item() < 0.06  # E4M3 operands

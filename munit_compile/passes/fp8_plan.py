@@ -76,9 +76,26 @@ def _addmm_operands(node: fx.Node) -> GemmOperands | None:
     return GemmOperands(x, w, bias, k, n, w_transposed=True)
 
 
+_TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.mT.default, aten.adjoint.default)
+
+
+def _matmul_operands(node: fx.Node) -> GemmOperands | None:
+    """x @ W.T (or W.t(), W.mT) with W a 2-D parameter is a bias-free linear layer (e.g. Falcon)."""
+    x, w_t = node.args[0], node.args[1]
+    if not (isinstance(w_t, fx.Node) and w_t.target in _TRANSPOSES):
+        return None
+    w = w_t.args[0]
+    if tensor_of(w) is None or tensor_of(w).dim() != 2 or w.meta.get(META_ROLE) != "parameter":
+        return None
+    n, k = concrete_shape(tensor_of(w).shape)
+    return GemmOperands(x, w, None, k, n, w_transposed=False)
+
+
+# op -> a function giving the GEMM as y = x @ wᵀ + bias, or None to decline (not a weight GEMM)
 GEMM_OPERANDS = {
     aten.linear.default: _linear_operands,
     aten.addmm.default: _addmm_operands,
+    aten.matmul.default: _matmul_operands,
 }
 
 
@@ -176,10 +193,10 @@ def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:
         if operands_of is None:
             continue
         operands = operands_of(node)
+        if operands is None:  # not a weight GEMM (e.g. attention's q @ kᵀ): activations stay as they are
+            continue
         ctx.node = node
-        reason = "not a plain linear layer" if operands is None else next(
-            (r for r in (check(operands, ctx) for check in ELIGIBILITY_CHECKS) if r), None
-        )
+        reason = next((r for r in (check(operands, ctx) for check in ELIGIBILITY_CHECKS) if r), None)
         if not config.fp8:
             reason = "FP8 disabled in Config (fp8=False)"
         decision = GemmDecision(node.name, False, reason) if reason else _rewrite(gm, node, operands, ctx)

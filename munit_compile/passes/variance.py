@@ -34,6 +34,7 @@ INTEGER_INPUT_OPS = frozenset({
     aten.embedding.default, aten.cross_entropy_loss.default, aten.where.self, aten.where.ScalarOther,
     aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
     aten.scaled_dot_product_attention.default, aten.index_select.default, aten.gather.default,
+    aten.index.Tensor,
 })
 
 

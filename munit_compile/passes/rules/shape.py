@@ -16,10 +16,11 @@ PASS_THROUGH = (
     aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default,
     aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
     aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default, aten.reshape_as.default,
-    aten.movedim.int, aten.swapaxes.default, aten.view.dtype,
+    aten.movedim.int, aten.swapaxes.default, aten.view.dtype, aten.numpy_T.default, aten.mT.default,
+    aten.adjoint.default,
 )
 BROADCASTING = (aten.expand.default, aten.expand_as.default, aten.repeat.default)
-SELECTING = (aten.slice.Tensor, aten.select.int, aten.narrow.default)
+SELECTING = (aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.index.Tensor, aten.index_select.default)
 SPLITTING = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 
 
