@@ -245,3 +245,24 @@ def test_matmul_with_a_transposed_parameter_is_a_linear_layer():
     compiled = torch.compile(model, backend=munit.backend(munit.Config(inner_compiler="aot_eager", strict=True)))
     out = compiled(x)
     assert ((out - model(x)).norm() / model(x).norm()).item() < 0.06  # E4M3 operands
+
+
+class WritesIntoABuffer(nn.Module):
+    """out = zeros; out[:, t] = a(x[:, t]): the buffer's values come from in-place writes (RWKV-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        for t in range(x.shape[1]):
+            out[:, t] = self.a(x[:, t])
+        return self.b(out)
+
+
+def test_in_place_writes_into_part_of_a_tensor_are_not_read_as_zeros():
+    report = munit.inspect(WritesIntoABuffer(), torch.randn(4, 3, 32))
+    assert report.summary["unknown_ops"] == ["aten.copy_.default"]
+    b = [r for r in report.rows if r["op"] == "aten.linear.default"][-1]
+    assert b["fp8"] is None and b["status"] == "unknown" and "copy_" in b["reason"]

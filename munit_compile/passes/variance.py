@@ -29,6 +29,11 @@ log = logging.getLogger("munit_compile")
 
 FOLD_MAX_NUMEL = 1 << 22  # constant subgraphs larger than this are not folded (memory)
 
+PARTIAL_VIEWS = frozenset({  # views of part of a tensor: an in-place write through them changes only that part
+    aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.as_strided.default, aten.diagonal.default,
+    aten.unfold.default, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+})
+
 # Ops whose integer/bool tensor inputs are indices or masks, not values (their rules account for them).
 INTEGER_INPUT_OPS = frozenset({
     aten.embedding.default, aten.cross_entropy_loss.default, aten.where.self, aten.where.ScalarOther,
@@ -60,6 +65,10 @@ def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
     for node, example in zip(placeholders, example_inputs):
         node.meta[META_FWD] = _input_value(node, example, parameter_moments)
     for node in gm.graph.nodes:
+        if node.op == "call_function" and _mutates_first_arg(node):
+            node.meta[META_FWD] = forward_value(node)
+            _record_in_place_write(node)
+            continue
         if node.op == "get_attr":
             try:
                 node.meta[META_FWD] = _input_value(node, _get_attr(gm, node.target))
@@ -127,6 +136,36 @@ def forward_value(node: fx.Node):
     except Exception as err:  # a rule that cannot handle this use of its op must not abort compilation
         log.debug("variance rule for %s failed: %s", node.format_node(), err)
         return Unknown(op_name(node.target), f"rule failed: {err}")
+
+
+def _mutates_first_arg(node: fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.arguments:
+        return False
+    alias = target._schema.arguments[0].alias_info
+    return alias is not None and alias.is_write and isinstance(node.args[0], fx.Node)
+
+
+def _record_in_place_write(node: fx.Node) -> None:
+    """An in-place op changes its first argument: later readers of that tensor see the new value.
+    Written whole (x.mul_(s)), the tensor takes the op's result; written through a view
+    (buf[:, t].copy_(v)), what the tensor now holds is not predicted: Unknown."""
+    target, through_view = node.args[0], False
+    while target.op == "call_function" and _is_view(target.target) and isinstance(target.args[0], fx.Node):
+        through_view |= target.target in PARTIAL_VIEWS
+        target = target.args[0]
+    result = node.meta[META_FWD]
+    if through_view or not isinstance(result, (Moments, NotFloat)):
+        result = result if isinstance(result, Unknown) else Unknown(op_name(node.target), "in-place write into part of a tensor")
+    target.meta[META_FWD] = result
+
+
+def _is_view(target) -> bool:
+    """Whether the op's output aliases its first input (a view), from its schema."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
+        return False
+    alias = target._schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
 
 
 def _example_int(val):
