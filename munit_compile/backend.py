@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Sequence
 
@@ -44,7 +43,8 @@ class MunitBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
         try:
-            planned, report = run_pipeline(copy.deepcopy(gm), example_inputs, self.config)
+            # normalize traces a new graph: `gm` itself stays untouched for the fallback below
+            planned, report = run_pipeline(gm, example_inputs, self.config)
         except Exception as err:
             if self.config.strict:
                 raise

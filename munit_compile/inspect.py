@@ -19,12 +19,12 @@ import torch
 import torch.fx as fx
 
 from munit_compile.config import Config
-from munit_compile.ir import META_BWD, META_FWD, op_name
+from munit_compile.ir import META_BWD, META_FWD, concrete_shape, op_name
 from munit_compile.measure import Measured, measure_graph
 from munit_compile.passes.fp8_plan import GEMM_OPERANDS
 from munit_compile.passes.values import Moments, Unknown
 from munit_compile.passes.variance import ParameterMoments
-from munit_compile.pipeline import PipelineState, run_pipeline
+from munit_compile.pipeline import CompileReport, PipelineState, run_pipeline
 
 ROW_KEYS = ("name", "op", "shape", "pred_std", "pred_grad_std", "meas_std", "meas_grad_std",
             "fp8", "fused_kernel", "status", "reason")
@@ -91,20 +91,22 @@ def inspect(model: torch.nn.Module, *example_inputs, measure: bool = False, conf
         return gm.forward
 
     torch.compile(model, backend=capture, dynamic=False)(*example_inputs, **example_kwargs)
-    report = Report()
+    report, gemms, unknown_ops = Report(), [], set()
     for gm, inputs in graphs:
-        _inspect_graph(gm, inputs, config, measure, report, parameter_moments)
-    report.summary = _summary(report, measured=measure)
+        compile_report = _inspect_graph(gm, inputs, config, measure, report, parameter_moments)
+        gemms += compile_report.gemms
+        unknown_ops.update(compile_report.unknown_ops)
+    report.summary = _summary(report, gemms, sorted(unknown_ops), measured=measure)
     return report
 
 
-def _inspect_graph(gm, inputs, config, measure, report, parameter_moments):
+def _inspect_graph(gm, inputs, config, measure, report, parameter_moments) -> CompileReport:
+    """Run the pipeline on one graph; add its rows and operand checks to `report`."""
     snapshot: dict = {}
 
     def after_pass(name: str, state: PipelineState):
         if name == "variance":
             snapshot["rows"] = _rows(state.gm)
-            snapshot["unknown_ops"] = _unknown_origins(state.gm)
             snapshot["gemms"] = _gemm_operands(state.gm)
             snapshot["measured"] = measure_graph(state.gm, inputs, _logits_loss(state.gm)) if measure else {}
 
@@ -126,10 +128,9 @@ def _inspect_graph(gm, inputs, config, measure, report, parameter_moments):
             elif row["status"] == "ok":
                 row["status"], row["reason"] = "high_precision", decision.reason
     report.rows += snapshot["rows"]
-    report.summary.setdefault("_unknown_ops", set()).update(snapshot["unknown_ops"])
-    report.summary.setdefault("_gemms", []).extend(decisions.values())
     if measure:
         report.operand_checks += _operand_checks(snapshot["gemms"], measured)
+    return compile_report
 
 
 def _rows(gm: fx.GraphModule) -> list[dict]:
@@ -146,7 +147,7 @@ def _rows(gm: fx.GraphModule) -> list[dict]:
         rows.append({
             "name": node.name,
             "op": op_name(node.target) if node.op == "call_function" else node.op,
-            "shape": list(map(int, val.shape)),
+            "shape": list(concrete_shape(val.shape)),
             "pred_std": fwd.std if isinstance(fwd, Moments) else None,
             "pred_grad_std": bwd.rms if isinstance(bwd, Moments) else None,
             "meas_std": None,
@@ -163,13 +164,6 @@ def _underflow_note(decision) -> str:
     parts = [f"{what} {share:.1%}" for what, share in (("x", decision.x_underflow), ("d out", decision.grad_underflow))
              if share is not None]
     return "below the smallest normal after scaling: " + ", ".join(parts) if parts else ""
-
-
-def _unknown_origins(gm: fx.GraphModule) -> set[str]:
-    """The ops (or inputs) where the analysis lost track: each Unknown names where it started."""
-    return {
-        v.op for n in gm.graph.nodes for v in (n.meta.get(META_FWD), n.meta.get(META_BWD)) if isinstance(v, Unknown)
-    }
 
 
 def _gemm_operands(gm: fx.GraphModule) -> list[tuple[str, dict[str, tuple]]]:
@@ -220,9 +214,7 @@ def _logits_loss(gm: fx.GraphModule):
     return loss
 
 
-def _summary(report: Report, measured: bool) -> dict:
-    gemms = report.summary.pop("_gemms", [])
-    unknown_ops = sorted(report.summary.pop("_unknown_ops", set()))
+def _summary(report: Report, gemms: list, unknown_ops: list[str], measured: bool) -> dict:
     checks = report.operand_checks
     return {
         "gemms_total": len(gemms),

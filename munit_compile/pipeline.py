@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch.fx as fx
 
 from munit_compile.config import Config
-from munit_compile.ir import META_BWD, META_FWD, op_name
+from munit_compile.ir import META_BWD, META_FWD
 from munit_compile.passes.fp8_plan import GemmDecision, plan_fp8
 from munit_compile.passes.normalize import normalize_to_aten
 from munit_compile.passes.values import Unknown
@@ -31,7 +31,7 @@ class CompileReport:
     """What the pipeline did to one graph: the GEMM decisions, the unknown ops, each pass's time."""
 
     gemms: list[GemmDecision] = field(default_factory=list)
-    unknown_ops: Counter = field(default_factory=Counter)  # "unknown (from op: reason)" -> nodes
+    unknowns: Counter = field(default_factory=Counter)  # Unknown (where the analysis lost track) -> nodes affected
     pass_seconds: dict[str, float] = field(default_factory=dict)
     failure: str | None = None  # set when a pass raised and the graph was compiled unchanged
 
@@ -39,10 +39,15 @@ class CompileReport:
     def gemms_fp8(self) -> int:
         return sum(d.fp8 for d in self.gemms)
 
+    @property
+    def unknown_ops(self) -> list[str]:
+        """The ops (or inputs) where the analysis lost track, sorted."""
+        return sorted({u.op for u in self.unknowns})
+
     def summary(self) -> str:
         line = f"munit: {self.gemms_fp8}/{len(self.gemms)} GEMMs in FP8"
-        if self.unknown_ops:
-            line += "; analysis lost track at: " + ", ".join(f"{op} ×{n}" for op, n in self.unknown_ops.items())
+        if self.unknowns:
+            line += "; analysis lost track at: " + ", ".join(f"{u} ({n} nodes)" for u, n in self.unknowns.items())
         return line
 
 
@@ -62,10 +67,8 @@ def _normalize(state: PipelineState) -> None:
 def _variance(state: PipelineState) -> None:
     propagate(state.gm, state.example_inputs, state.config.grad_output_std, state.parameter_moments)
     for node in state.gm.graph.nodes:
-        for key in (META_FWD, META_BWD):
-            value = node.meta.get(key)
-            if isinstance(value, Unknown) and value.op == op_name(node.target):
-                state.report.unknown_ops[str(value)] += 1
+        unknowns = {v for v in (node.meta.get(META_FWD), node.meta.get(META_BWD)) if isinstance(v, Unknown)}
+        state.report.unknowns.update(unknowns)
 
 
 def _fp8_plan(state: PipelineState) -> None:

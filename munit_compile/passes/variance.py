@@ -1,12 +1,13 @@
 """Analytic scale propagation: forward moments of every tensor, backward second moments of every gradient.
 
-    propagate(gm, example_inputs, grad_output_std=None)
+    propagate(gm, example_inputs, grad_output_std=None, parameter_moments=None)
       node.meta[META_FWD] = Moments | Unknown | NotFloat     (forward, in graph order)
       node.meta[META_BWD] = Moments | Unknown                (backward, from the loss)
 
 Forward: parameters are measured (their σ at compile time); subgraphs of constants (masks, positions,
 rotary tables) are folded exactly; every other op uses its rule in `passes.rules`. An op without a rule
-gives `Unknown(op)`, which propagates to everything that depends on it.
+gives `Unknown(op)`, which propagates to everything that depends on it. An in-place op updates the
+tensor it writes (unknown when written only in part).
 Backward starts at the loss when the graph returns a scalar (d loss = 1); otherwise each float output is
 taken as logits of a mean cross-entropy over its tokens, σ = √((1−1/V)/V)/N, or `grad_output_std`.
 """
