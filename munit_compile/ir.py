@@ -5,8 +5,6 @@ node's shape and dtype); munit annotations live only under the keys below.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 import torch.fx as fx
 
@@ -18,22 +16,12 @@ META_ROLE = "munit_role"      # placeholders: "parameter" | "buffer" | "input"
 aten = torch.ops.aten
 
 
-def fake_value(node: fx.Node):
-    """The node's fake tensor (or tuple of them), from tracing; None for non-tensor nodes."""
-    return node.meta.get("val")
-
-
 def tensor_of(arg) -> torch.Tensor | None:
     """The fake tensor of a node argument, or None if the argument is not a tensor node."""
     if isinstance(arg, fx.Node):
         val = arg.meta.get("val")
         return val if isinstance(val, torch.Tensor) else None
     return None
-
-
-def call_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
-    """The graph's call_function nodes, in topological order."""
-    return (n for n in gm.graph.nodes if n.op == "call_function")
 
 
 def op_name(target) -> str:
