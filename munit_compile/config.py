@@ -28,6 +28,9 @@ class _ConfigFields:
     None: assume mean cross-entropy over the output's tokens, σ = √((1−1/V)/V)/N."""
     inner_compiler: str = "inductor"
     """What compiles the rewritten graph: "inductor" (default) or "aot_eager" (debugging, fast tests)."""
+    symbolic: bool = False
+    """Also record every tensor's moments as sympy expressions over the graph's dims (batch, seq,
+    d_model, ...); `munit.inspect` turns it on. The numbers, and so the FP8 plan, are the same."""
     strict: bool = False
     """If a munit pass fails on a graph: False logs a warning and compiles that graph unchanged in high
     precision (nothing is lost); True raises (for debugging and tests)."""
@@ -95,6 +98,7 @@ def _check_formats(cfg):
 _FIELD_CHECKS = (
     _check_bool("fp8"),
     _check_bool("strict"),
+    _check_bool("symbolic"),
     _check_choice("forward_format", FP8_FORMATS),
     _check_choice("grad_format", FP8_FORMATS),
     _check_gemm_multiple,

@@ -2,6 +2,7 @@
 
     report = munit.inspect(model, *example_inputs, measure=True, **example_kwargs)
     report.table(); report.to_json("r.json"); report.as_dict()["summary"]["frac_within_sqrt2"]
+    report.formula("linear_3").closed("m2")   # sympy, over batch, seq, d_model, ... and parameter m2s
 
 One row per graph node: name, op, shape, pred_std, pred_grad_std, meas_std, meas_grad_std, fp8,
 fused_kernel, status ("ok" | "unknown" | "high_precision"), reason. With measure=True, one forward and
@@ -22,6 +23,7 @@ from munit_compile.config import Config
 from munit_compile.ir import META_BWD, META_FWD, concrete_shape, op_name
 from munit_compile.measure import Measured, measure_graph
 from munit_compile.passes.fp8_plan import GEMM_OPERANDS
+from munit_compile.passes.symbolic import Formula, formulas_of_graph
 from munit_compile.passes.values import Moments, Unknown
 from munit_compile.passes.variance import ParameterMoments
 from munit_compile.pipeline import CompileReport, PipelineState, run_pipeline
@@ -53,6 +55,15 @@ class Report:
     summary: dict = field(default_factory=dict)
     operand_checks: list[OperandCheck] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)  # wall time per pipeline pass, all graphs
+    formulas: dict[str, Formula] = field(default_factory=dict, repr=False)  # node name -> its expressions
+
+    def formula(self, name: str) -> Formula:
+        """Node `name`'s predicted mean, m2 and gradient m2 as sympy expressions over the graph's dims
+        (`.closed("m2")`, `.std(seq=4096)`); needs Config(symbolic=True), inspect's default."""
+        if name not in self.formulas:
+            hint = "" if self.formulas else " (the analysis ran with Config(symbolic=False))"
+            raise KeyError(f"no formula for node {name!r}{hint}")
+        return self.formulas[name]
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "summary": self.summary}
@@ -83,7 +94,7 @@ def inspect(model: torch.nn.Module, *example_inputs, measure: bool = False, conf
     """
     if measure and any(p.is_meta for p in model.parameters()):
         raise ValueError("munit.inspect(measure=True) needs real parameters; the model is on the meta device")
-    config = config or Config()
+    config = config or Config(symbolic=True)
     graphs: list[tuple[fx.GraphModule, Sequence]] = []
 
     def capture(gm, inputs):
@@ -107,6 +118,7 @@ def _inspect_graph(gm, inputs, config, measure, report, parameter_moments) -> Co
     def after_pass(name: str, state: PipelineState):
         if name == "variance":
             snapshot["rows"] = _rows(state.gm)
+            report.formulas.update(formulas_of_graph(state.gm))
             snapshot["gemms"] = _gemm_operands(state.gm)
             snapshot["measured"] = measure_graph(state.gm, inputs, _logits_loss(state.gm)) if measure else {}
 

@@ -12,6 +12,7 @@ META_FWD = "munit_fwd"        # forward statistics of the node's value (a passes
 META_BWD = "munit_bwd"        # statistics of d(loss)/d(node) (a Value, or absent if no gradient flows)
 META_PLAN = "munit_fp8_plan"  # the FP8 decision for a GEMM node (a passes.fp8_plan GemmDecision)
 META_ROLE = "munit_role"      # placeholders: "parameter" | "buffer" | "input"
+META_SOURCE_NAME = "munit_source_name"  # placeholders: the input's name in the Dynamo graph
 
 aten = torch.ops.aten
 
@@ -48,7 +49,8 @@ def concrete_shape(shape) -> tuple[int, ...]:
 
 
 def numel(shape) -> int:
+    """Product of the sizes (an int subclass such as symbolic.Dim keeps its expression)."""
     n = 1
     for s in shape:
-        n *= concrete_int(s)
+        n = n * (s if isinstance(s, int) else concrete_int(s))
     return n

@@ -65,7 +65,8 @@ def _normalize(state: PipelineState) -> None:
 
 
 def _variance(state: PipelineState) -> None:
-    propagate(state.gm, state.example_inputs, state.config.grad_output_std, state.parameter_moments)
+    propagate(state.gm, state.example_inputs, state.config.grad_output_std, state.parameter_moments,
+              symbolic=state.config.symbolic)
     for node in state.gm.graph.nodes:
         unknowns = {v for v in (node.meta.get(META_FWD), node.meta.get(META_BWD)) if isinstance(v, Unknown)}
         state.report.unknowns.update(unknowns)

@@ -16,12 +16,19 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from munit_compile.ir import META_SOURCE_NAME
+
 
 def normalize_to_aten(gm: fx.GraphModule, example_inputs: Sequence) -> fx.GraphModule:
     """Trace `gm` at the pre-dispatch level under the caller's fake mode; every node gets meta["val"]."""
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
-        return make_fx(gm, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
-    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    with fake_mode:
-        return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+        traced = make_fx(gm, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
+    else:
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        with fake_mode:
+            traced = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+    sources = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, source in zip((n for n in traced.graph.nodes if n.op == "placeholder"), sources):
+        node.meta[META_SOURCE_NAME] = source  # e.g. l_self_modules_fc_parameters_weight_ for arg3_1
+    return traced

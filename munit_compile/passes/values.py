@@ -74,7 +74,8 @@ class Moments:
 
     @staticmethod
     def constant(c: float) -> "Moments":
-        return Moments(float(c), float(c) * float(c), gaussian=False, row_constant=True)
+        c = c if isinstance(c, float) else float(c)  # a float subclass (symbolic.Sym) keeps its expression
+        return Moments(c, c * c, gaussian=False, row_constant=True)
 
     @staticmethod
     def normal(mean: float, var: float) -> "Moments":

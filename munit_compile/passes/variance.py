@@ -13,6 +13,7 @@ taken as logits of a mean cross-entropy over its tokens, σ = √((1−1/V)/V)/N
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections import defaultdict
@@ -23,7 +24,9 @@ import torch.fx as fx
 
 from munit_compile.ir import META_BWD, META_FWD, META_ROLE, aten, concrete_int, numel, op_name
 from munit_compile.passes.rules import BACKWARD_RULES, FORWARD_RULES, Site, grad
+from munit_compile.passes.rules.shape import SAME_MOMENTS
 from munit_compile.passes.rules.sparse import cross_entropy_grad_m2
+from munit_compile.passes.symbolic import META_DIMS, DimNames, bind_backward, bind_forward
 from munit_compile.passes.values import Moments, NotFloat, Unknown, first_unknown
 
 log = logging.getLogger("munit_compile")
@@ -48,35 +51,44 @@ ParameterMoments = Callable[[torch.Tensor], "Moments | None"]
 
 
 def propagate(gm: fx.GraphModule, example_inputs: Sequence, grad_output_std: float | None = None,
-              parameter_moments: ParameterMoments | None = None) -> None:
+              parameter_moments: ParameterMoments | None = None, symbolic: bool = False) -> None:
     """Annotate every node with forward and backward statistics (see the module docstring).
 
     `parameter_moments(param)` supplies the moments of parameters that have no values to measure
     (on the meta device): the init the user intends, e.g. N(0, 0.02²) for matrices, ones for norm gains.
+    `symbolic=True` also records each node's moments as sympy expressions over the graph's dims
+    (`passes.symbolic`); the numbers are the same either way.
     """
-    propagate_forward(gm, example_inputs, parameter_moments)
-    propagate_backward(gm, grad_output_std)
+    dims = DimNames.of_graph(gm) if symbolic else None
+    if dims is not None:
+        gm.meta[META_DIMS] = dims
+    propagate_forward(gm, example_inputs, parameter_moments, dims)
+    propagate_backward(gm, grad_output_std, dims)
 
 
 # ---------------------------------------------------------------- forward
 
 def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
-                      parameter_moments: ParameterMoments | None = None) -> None:
+                      parameter_moments: ParameterMoments | None = None, dims: DimNames | None = None) -> None:
+    bind = (lambda node, value: bind_forward(node, value, _argument_values(node))) if dims is not None \
+        else (lambda node, value: value)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
-        node.meta[META_FWD] = _input_value(node, example, parameter_moments)
+        node.meta[META_FWD] = bind(node, _input_value(node, example, parameter_moments))
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _mutates_first_arg(node):
-            node.meta[META_FWD] = forward_value(node)
-            _record_in_place_write(node)
-            continue
         if node.op == "get_attr":
             try:
-                node.meta[META_FWD] = _input_value(node, _get_attr(gm, node.target))
+                node.meta[META_FWD] = bind(node, _input_value(node, _get_attr(gm, node.target)))
             except RuntimeError as err:  # e.g. a functorch-wrapped constant with no readable storage
                 node.meta[META_FWD] = Unknown(f"constant {node.target}", f"cannot be read: {err}")
         elif node.op == "call_function":
-            node.meta[META_FWD] = forward_value(node)
+            node.meta[META_FWD] = bind(node, forward_value(node, dims))
+            if _mutates_first_arg(node):
+                _record_in_place_write(node)
+
+
+def _argument_values(node: fx.Node) -> list:
+    return [n.meta.get(META_FWD) for n in node.all_input_nodes]
 
 
 def _input_value(node: fx.Node, example, parameter_moments: ParameterMoments | None = None):
@@ -106,8 +118,8 @@ def _get_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
-def forward_value(node: fx.Node):
-    """The Value of one call_function node, from its inputs' Values."""
+def forward_value(node: fx.Node, dims: DimNames | None = None):
+    """The Value of one call_function node, from its inputs' Values (sizes as Dims if `dims`)."""
     if node.target is operator.getitem:
         parent, index = node.args
         parent_value = parent.meta.get(META_FWD)
@@ -133,7 +145,7 @@ def forward_value(node: fx.Node):
     if any(isinstance(v, NotFloat) for v in _tensor_values(args, kwargs)) and node.target not in INTEGER_INPUT_OPS:
         return Unknown(op_name(node.target), "a float computed from a non-constant integer tensor")
     try:
-        return rule(Site(node, args, kwargs))
+        return rule(Site(node, args, kwargs, dims=dims))
     except Exception as err:  # a rule that cannot handle this use of its op must not abort compilation
         log.debug("variance rule for %s failed: %s", node.format_node(), err)
         return Unknown(op_name(node.target), f"rule failed: {err}")
@@ -209,20 +221,26 @@ def _fold(node: fx.Node, args, kwargs):
     if not isinstance(result, torch.Tensor) or result.is_meta:
         return None
     if result.dtype.is_floating_point:
+        source = values[0] if values else None
+        if node.target in SAME_MOMENTS and isinstance(source, Moments) and source.concrete.dtype == result.dtype:
+            return dataclasses.replace(source, concrete=result.detach())  # a rearranged constant: same moments
         return Moments.of_tensor(result, keep=True)
     return NotFloat(concrete=result)
 
 
 # ---------------------------------------------------------------- backward
 
-def propagate_backward(gm: fx.GraphModule, grad_output_std: float | None = None) -> None:
+def propagate_backward(gm: fx.GraphModule, grad_output_std: float | None = None,
+                       dims: DimNames | None = None) -> None:
     contributions: dict[fx.Node, list] = defaultdict(list)
-    for node, g in output_seeds(gm, grad_output_std):
+    for node, g in output_seeds(gm, grad_output_std, dims):
         contributions[node].append(g)
     for node in reversed(gm.graph.nodes):
         if node not in contributions:
             continue
         g = _accumulate(contributions.pop(node))
+        if dims is not None:
+            g = bind_backward(node, g)
         node.meta[META_BWD] = g
         if node.op != "call_function":
             continue
@@ -230,11 +248,11 @@ def propagate_backward(gm: fx.GraphModule, grad_output_std: float | None = None)
             parent, index = node.args
             contributions[parent].append((index, g))
             continue
-        for arg, arg_grad in _input_grads(node, g):
+        for arg, arg_grad in _input_grads(node, g, dims):
             contributions[arg].append(arg_grad)
 
 
-def output_seeds(gm: fx.GraphModule, grad_output_std: float | None):
+def output_seeds(gm: fx.GraphModule, grad_output_std: float | None, dims: DimNames | None = None):
     """(node, d loss/d node) for the graph outputs the gradient starts from."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     outs = [n for n in fx.node.map_aggregate(output.args[0], lambda x: x) if isinstance(n, fx.Node)] \
@@ -249,8 +267,9 @@ def output_seeds(gm: fx.GraphModule, grad_output_std: float | None):
         if grad_output_std is not None:
             seeds.append((n, grad(grad_output_std**2)))
         elif len(shape) >= 1 and shape[-1] > 1:
-            vocab = int(shape[-1])
-            seeds.append((n, grad(cross_entropy_grad_m2(vocab, max(numel(shape) // vocab, 1)))))
+            sizes = tuple(dims.dim(s) for s in shape) if dims is not None else tuple(int(s) for s in shape)
+            vocab = sizes[-1]
+            seeds.append((n, grad(cross_entropy_grad_m2(vocab, max(numel(sizes) // vocab, 1)))))
     return seeds
 
 
@@ -268,7 +287,7 @@ def _accumulate(parts: list):
     return grad(sum(p.m2 for p in parts))
 
 
-def _input_grads(node: fx.Node, g):
+def _input_grads(node: fx.Node, g, dims: DimNames | None = None):
     """(arg node, its grad contribution) for each float tensor argument that is not a constant."""
     args = fx.map_arg(node.args, lambda n: n.meta.get(META_FWD))
     kwargs = fx.map_arg(node.kwargs, lambda n: n.meta.get(META_FWD))
@@ -282,7 +301,7 @@ def _input_grads(node: fx.Node, g):
     if rule is None:
         return [(n, Unknown(op_name(node.target), "no gradient rule")) for n in targets]
     try:  # many gradient rules need no forward value (add, views); the rest fail on an unknown one
-        grads = rule(Site(node, args, kwargs, out=out_value), g)
+        grads = rule(Site(node, args, kwargs, out=out_value, dims=dims), g)
     except Exception as err:
         log.debug("gradient rule for %s failed: %s", node.format_node(), err)
         unknown = first_unknown(out_value, *args, *kwargs.values())

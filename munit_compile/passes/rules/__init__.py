@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from munit_compile.ir import concrete_shape, numel, tensor_of
+from munit_compile.passes.symbolic import DimNames
 from munit_compile.passes.values import Moments, Unknown
 
 FORWARD_RULES: dict[Any, Callable] = {}
@@ -45,6 +46,10 @@ class Site:
     args: tuple
     kwargs: dict
     out: Moments | Any = None  # the node's forward Value (set for backward rules)
+    dims: DimNames | None = None  # symbolic analysis: sizes come as Dims carrying their symbols
+
+    def _sizes(self, shape) -> tuple[int, ...]:
+        return tuple(self.dims.dim(s) for s in shape) if self.dims is not None else concrete_shape(shape)
 
     def arg(self, i: int, name: str, default=None):
         """Argument `i` (or keyword `name`) as a Value or Python constant."""
@@ -57,18 +62,18 @@ class Site:
         t = tensor_of(self.node.args[i])
         if t is None:
             raise ValueError(f"argument {i} of {self.node.format_node()} is not a tensor")
-        return concrete_shape(t.shape)
+        return self._sizes(t.shape)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return concrete_shape(self.node.meta["val"].shape)
+        return self._sizes(self.node.meta["val"].shape)
 
     def broadcast_factor(self, i: int) -> float:
         """How many output elements each element of argument `i` feeds (its grads add up)."""
         t = tensor_of(self.node.args[i])
         if t is None:
             return 1.0
-        return numel(self.out_shape) / max(numel(t.shape), 1)
+        return numel(self.out_shape) / max(numel(self._sizes(t.shape)), 1)
 
 
 def is_tensor(value) -> bool:

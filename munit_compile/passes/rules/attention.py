@@ -50,7 +50,7 @@ def softmax(site):
     """p = softmax(x) over n: μ = 1/n, m2 = E Σp² / n, over the visible entries of masked scores."""
     x, n = site.args[0], site.shape(0)[site.args[1]]
     stats = weight_stats(x.var, list(x.visible or (n,)))
-    return Moments(1.0 / n, sum(s2 for s2, _ in stats) / len(stats) / n, gaussian=False)
+    return Moments(1 / n, sum(s2 for s2, _ in stats) / len(stats) / n, gaussian=False)
 
 
 @backward_rule(aten.softmax.int, aten._softmax.default)

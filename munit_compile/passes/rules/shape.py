@@ -21,6 +21,10 @@ PASS_THROUGH = (
 )
 BROADCASTING = (aten.expand.default, aten.expand_as.default, aten.repeat.default)
 SELECTING = (aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.index.Tensor, aten.index_select.default)
+# Rearrangements that keep every element (or duplicate each equally often): mean and m2 are unchanged
+# exactly, so a folded constant need not be measured again after them.
+SAME_MOMENTS = frozenset(PASS_THROUGH + BROADCASTING) - {
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.view.dtype}
 SPLITTING = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 
 

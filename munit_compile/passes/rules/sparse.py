@@ -28,7 +28,7 @@ def embedding_grad(site, g):
 
 def cross_entropy_grad_m2(vocab: int, tokens: int, mean_reduction: bool = True) -> float:
     """m2 of d(mean CE)/d(logits) at init (p ≈ 1/V): (1 − 1/V)/V / N²."""
-    m2 = (1.0 - 1.0 / vocab) / vocab
+    m2 = (1 - 1 / vocab) / vocab
     return m2 / (tokens * tokens) if mean_reduction else m2
 
 
