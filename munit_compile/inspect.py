@@ -22,7 +22,7 @@ import torch.fx as fx
 from munit_compile.config import Config
 from munit_compile.ir import META_BWD, META_FWD, concrete_shape, op_name
 from munit_compile.measure import Measured, measure_graph
-from munit_compile.passes.fp8_plan import GEMM_OPERANDS
+from munit_compile.passes.fp8_plan import GEMM_OPERANDS, output_multiplier
 from munit_compile.passes.symbolic import Formula, formulas_of_graph
 from munit_compile.passes.values import Moments, Unknown
 from munit_compile.passes.variance import ParameterMoments
@@ -187,7 +187,8 @@ def _gemm_operands(gm: fx.GraphModule) -> list[tuple[str, dict[str, tuple]]]:
         if g is None:
             continue
         entries = {}
-        for label, n, key in (("x", g.x, META_FWD), ("w", g.w, META_FWD), ("grad_out", node, META_BWD)):
+        out_node, _ = output_multiplier(node)  # a static multiplier after the GEMM is part of the FP8 op
+        for label, n, key in (("x", g.x, META_FWD), ("w", g.w, META_FWD), ("grad_out", out_node, META_BWD)):
             value = n.meta.get(key)
             if isinstance(value, Moments):
                 entries[label] = (value.std if key == META_FWD else value.rms, n.name, key)

@@ -35,10 +35,13 @@ def fp8_linear(
     x_scale: float,
     w_scale: float,
     fwd_format: str,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
-    """y = q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias, fp32 accumulate and bias add, output in x.dtype."""
+    """y = α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias), fp32 accumulate, bias add and α, output in x.dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     acc = fp8_gemm(x2, w, x_scale, w_scale, fwd_format, fwd_format, torch.float32)
     if bias is not None:
         acc = acc + bias.to(torch.float32)
+    if alpha != 1.0:
+        acc = acc * alpha
     return acc.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

@@ -118,7 +118,7 @@ def _check_multiples(g: GemmOperands, ctx) -> str | None:
 def _check_not_vocabulary(g: GemmOperands, ctx) -> str | None:
     if g.w in ctx.embedding_tables:
         return "LM head (weight tied to the embedding) stays in high precision"
-    if g.n in ctx.vocab_sizes and _feeds_output_or_loss(ctx.node, g.n):
+    if g.n in ctx.vocab_sizes and feeds_output_or_loss(ctx.node, g.n):
         return "LM head (N = vocabulary size, feeds the loss/logits) stays in high precision"
     return None
 
@@ -126,7 +126,7 @@ def _check_not_vocabulary(g: GemmOperands, ctx) -> str | None:
 _LOSS_OPS = (aten.cross_entropy_loss.default, aten.log_softmax.int, aten._log_softmax.default)
 
 
-def _feeds_output_or_loss(node: fx.Node, n: int) -> bool:
+def feeds_output_or_loss(node: fx.Node, n: int) -> bool:
     """Whether `node` reaches a graph output or a loss through ops that keep its last dim `n`
     (views, dtype casts, logit scaling, soft-capping)."""
     frontier, seen = [node], set()
@@ -151,7 +151,7 @@ def _check_weight_is_parameter(g: GemmOperands, ctx) -> str | None:
 
 def _check_scales_known(g: GemmOperands, ctx) -> str | None:
     for what, value in (("input", g.x.meta.get(META_FWD)), ("weight", g.w.meta.get(META_FWD)),
-                        ("output gradient", ctx.node.meta.get(META_BWD))):
+                        ("output gradient", ctx.out.meta.get(META_BWD))):
         if isinstance(value, Unknown):
             return f"{what} scale unknown: {value}"
         if not isinstance(value, Moments) or not value.m2 > 0:
@@ -174,6 +174,8 @@ class _CheckContext:
     embedding_tables: frozenset  # weight nodes of the graph's embeddings
     vocab_sizes: frozenset       # their row counts
     node: fx.Node | None = None
+    out: fx.Node | None = None  # the GEMM, or the static multiplier after it: its gradient is the GEMM's grad_out
+    alpha: float = 1.0
     underflow_cache: dict = field(default_factory=dict)
 
     @staticmethod
@@ -196,6 +198,7 @@ def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:
         if operands is None:  # not a weight GEMM (e.g. attention's q @ kᵀ): activations stay as they are
             continue
         ctx.node = node
+        ctx.out, ctx.alpha = output_multiplier(node)
         reason = next((r for r in (check(operands, ctx) for check in ELIGIBILITY_CHECKS) if r), None)
         if not config.fp8:
             reason = "FP8 disabled in Config (fp8=False)"
@@ -205,6 +208,21 @@ def plan_fp8(gm: fx.GraphModule, config: Config) -> list[GemmDecision]:
     gm.graph.lint()
     gm.recompile()
     return decisions
+
+
+_SCALAR_MULS = (aten.mul.Tensor, aten.mul.Scalar)
+
+
+def output_multiplier(node: fx.Node) -> tuple[fx.Node, float]:
+    """(the node whose value is the GEMM's output, its static multiplier): `mul(gemm, c)` as the GEMM's
+    only user is folded into the FP8 op (α = c, e.g. μS's 1/√fan_in); otherwise (node, 1.0)."""
+    if len(node.users) == 1:
+        (user,) = node.users
+        if user.target in _SCALAR_MULS and len(user.args) == 2 and not user.kwargs:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(other, float) and not isinstance(other, bool) and other > 0:
+                return user, float(other)
+    return node, 1.0
 
 
 UNDERFLOW_SAMPLES = 1 << 15
@@ -237,24 +255,25 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, ctx: _CheckCont
     config = ctx.config
     x_scale = power_of_two_scale(g.x.meta[META_FWD].rms)
     w_scale = power_of_two_scale(g.w.meta[META_FWD].rms)
-    grad_scale = power_of_two_scale(node.meta[META_BWD].rms)
+    out, alpha = ctx.out, ctx.alpha
+    grad_scale = power_of_two_scale(out.meta[META_BWD].rms)
     with gm.graph.inserting_before(node):
         w = g.w
         if g.w_transposed:
             w = gm.graph.call_function(aten.t.default, (g.w,))
             w.meta["val"] = tensor_of(g.w).t()
             w.meta[META_FWD] = g.w.meta[META_FWD]
-        fp8 = gm.graph.call_function(
-            torch.ops.munit.fp8_linear.default,
-            (g.x, w, g.bias, x_scale, w_scale, grad_scale, config.forward_format, config.grad_format),
-        )
-    fp8.meta.update(node.meta)
+        args = (g.x, w, g.bias, x_scale, w_scale, grad_scale, config.forward_format, config.grad_format)
+        fp8 = gm.graph.call_function(torch.ops.munit.fp8_linear.default, args + ((alpha,) if alpha != 1.0 else ()))
+    fp8.meta.update(out.meta)
     decision = GemmDecision(
         node.name, True, "",
         config.forward_format, x_scale, config.forward_format, w_scale, config.grad_format, grad_scale,
         underflow_fraction(g.x.meta[META_FWD], x_scale, config.forward_format, ctx.underflow_cache),
-        underflow_fraction(node.meta[META_BWD], grad_scale, config.grad_format, ctx.underflow_cache),
+        underflow_fraction(out.meta[META_BWD], grad_scale, config.grad_format, ctx.underflow_cache),
     )
-    node.replace_all_uses_with(fp8)
+    out.replace_all_uses_with(fp8)
+    if out is not node:
+        gm.graph.erase_node(out)
     gm.graph.erase_node(node)
     return decision

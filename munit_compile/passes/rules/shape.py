@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+import munit_compile.ops  # noqa: F401  (registers the munit ops the rules below name)
+
 from munit_compile.ir import numel
 from munit_compile.passes.rules import backward_rule, forward_rule, grad
 from munit_compile.passes.values import Moments
@@ -96,3 +98,16 @@ def pad_values(site):
 def pad_grad(site, g):
     """dx = dy without the padded border."""
     return (g,)
+
+
+@forward_rule(torch.ops.munit.grad_scale.default)
+def grad_scale(site):
+    """munit::grad_scale: y = x."""
+    return site.args[0]
+
+
+@backward_rule(torch.ops.munit.grad_scale.default)
+def grad_scale_grad(site, g):
+    """dx = c·dy: m2 × c²."""
+    c = site.args[1]
+    return (grad(g.m2 * c * c), None)
