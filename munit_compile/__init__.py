@@ -7,6 +7,9 @@
 from munit_compile.backend import backend
 from munit_compile.config import Config
 from munit_compile.inspect import Report, inspect
+from munit_compile import optim
+from munit_compile.optim import param_groups
+from munit_compile.unit_scale import UnitScaleConfig, UnitScaled, unit_scale
 
 __version__ = "0.1.0"
-__all__ = ["backend", "Config", "inspect", "Report", "__version__"]
+__all__ = ["backend", "Config", "inspect", "Report", "unit_scale", "UnitScaled", "UnitScaleConfig", "optim", "param_groups", "__version__"]

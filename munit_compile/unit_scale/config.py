@@ -1,0 +1,41 @@
+"""`UnitScaleConfig`: the knobs of `munit.unit_scale`, validated on construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+NORM_PLACEMENTS = ("res_post", "pre")
+
+
+def default_tau(n_layers: int) -> float:
+    """τ = min(0.5, 1.6 / L): 0.4 at 4 layers (the value the μS paper used there), falling as 1/depth so
+    each of the 2L residual adds mixes in a share of branch variance that keeps the embedding's share of
+    the final stream roughly constant, (1 − τ)^(2L) → e^(−3.2), instead of vanishing with depth."""
+    return min(0.5, 1.6 / max(n_layers, 1))
+
+
+@dataclass(frozen=True)
+class UnitScaleConfig:
+    """tau: residual mixing x ← √(1−τ)·x + √τ·f(x), in (0, 1); None: `default_tau(layers)`.
+    norm_placement: "res_post" (branch's leading norm removed, a norm at the branch's end) or "pre"
+      (keep the model's pre-norms; no norm added).
+    unit_backward: give gradients unit scale too (identity-forward `munit::grad_scale` on the logits and
+      on each GEMM's input-gradient path); parameter gradients are then a constant multiple of the true
+      ones, which Adam-like optimizers and decoupled weight decay do not see.
+    seed: of the N(0, 1) re-initialization."""
+
+    tau: float | None = None
+    norm_placement: str = "res_post"
+    unit_backward: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float))
+                                     or not (0 < self.tau < 1) or not math.isfinite(self.tau)):
+            raise ValueError(f"UnitScaleConfig.tau must be in (0, 1) (or None for the depth default), got {self.tau!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"UnitScaleConfig.norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if not isinstance(self.unit_backward, bool):
+            raise ValueError(f"UnitScaleConfig.unit_backward must be a bool, got {self.unit_backward!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"UnitScaleConfig.seed must be an int, got {self.seed!r}")

@@ -1,0 +1,109 @@
+"""The μS graph rewrite (DESIGN §4), applied to a captured ATen graph whose parameters are get_attr nodes.
+
+    hidden GEMM  y = (x Wᵀ)/√k + b          LM head  y = (x Wᵀ)/k        embedding  unchanged (×1)
+    residual     x ← √(1−τ)·x + √τ·LN(f(x))  (res_post: f's leading norm removed)  or  √(1−τ)·x + √τ·f(x)
+    unit backward (optional, forward unchanged): logits' gradient × 1/σ_CE; each GEMM's input gradient
+                 × √(k/n) (hidden) or k/√V (head), so gradients keep unit scale too.
+A GEMM with a bias is rewritten as GEMM(x, W, b·m⁻¹)·m: one op for the FP8 plan, the same function.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from munit_compile.ir import aten, concrete_shape, numel, tensor_of
+from munit_compile.passes.rules.sparse import cross_entropy_grad_m2
+from munit_compile.unit_scale.analysis import Gemm, Residual, find_gemms, find_residuals, mark_parameters
+from munit_compile.unit_scale.config import UnitScaleConfig, default_tau
+
+grad_scale = torch.ops.munit.grad_scale.default
+LOSS_OPS = (aten.cross_entropy_loss.default,)
+ASSERT_OPS = (aten._assert_tensor_metadata.default,)  # export's dtype asserts: they would forbid .to(dtype)
+
+
+def multiplier(g: Gemm) -> float:
+    """The static output multiplier of a GEMM: 1/√fan_in (hidden) or 1/fan_in (head)."""
+    return 1 / math.sqrt(g.operands.k) if g.role == "hidden" else 1 / g.operands.k
+
+
+def input_grad_scale(g: Gemm) -> float:
+    """What makes the GEMM's input gradient unit-scaled: σ(dx) = m·√n·σ(dy) → × 1/(m·√n)."""
+    return 1 / (multiplier(g) * math.sqrt(g.operands.n))
+
+
+def count_layers(residuals: list[Residual]) -> int:
+    """Transformer layers ≈ residual adds / 2 (attention + MLP branch each)."""
+    return max(1, round(len(residuals) / 2))
+
+
+def rewrite(gm: fx.GraphModule, config: UnitScaleConfig) -> dict:
+    """Rewrite `gm` in place (see the module docstring); returns what was done, for the report."""
+    mark_parameters(gm)
+    for node in [n for n in gm.graph.nodes if n.target in ASSERT_OPS]:
+        gm.graph.erase_node(node)
+    gemms = find_gemms(gm)
+    residuals = find_residuals(gm, gemms)
+    tau = config.tau if config.tau is not None else default_tau(count_layers(residuals))
+    for g in gemms:  # first: residual rewrites read their operands from the graph as it then is
+        _scale_gemm(gm.graph, g, config.unit_backward)
+    for r in residuals:
+        _rewrite_residual(gm.graph, r, tau, config.norm_placement)
+    logits_scale = _unit_loss_gradient(gm.graph, gemms) if config.unit_backward else None
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return {"tau": tau, "residuals": len(residuals), "gemms": {g.node.name: g.role for g in gemms},
+            "norms_moved": sum(r.leading_norm is not None for r in residuals) if config.norm_placement == "res_post" else 0,
+            "logits_grad_scale": logits_scale}
+
+
+def _call(graph: fx.Graph, target, args, like: fx.Node, kwargs=None) -> fx.Node:
+    node = graph.call_function(target, args, kwargs or {})
+    if "val" in like.meta:
+        node.meta["val"] = like.meta["val"]
+    return node
+
+
+def _rewrite_residual(graph: fx.Graph, r: Residual, tau: float, placement: str) -> None:
+    skip, branch = r.skip, r.branch  # as the graph now is (earlier rewrites replaced nodes)
+    with graph.inserting_before(r.add):
+        if placement == "res_post":
+            if r.leading_norm is not None:
+                r.leading_norm.replace_all_uses_with(skip, lambda user: user is not r.add)
+            width = concrete_shape(tensor_of(branch).shape)[-1]
+            branch = _call(graph, aten.layer_norm.default, (branch, [width], None, None, 1e-5), like=branch)
+        skip = _call(graph, aten.mul.Tensor, (skip, math.sqrt(1 - tau)), like=skip)
+        mixed = _call(graph, aten.add.Tensor, (skip, branch), like=r.add, kwargs={"alpha": math.sqrt(tau)})
+    r.add.replace_all_uses_with(mixed)
+
+
+def _scale_gemm(graph: fx.Graph, g: Gemm, unit_backward: bool) -> None:
+    node, m = g.node, multiplier(g)
+    bias = g.operands.bias
+    with graph.inserting_before(node):
+        if unit_backward:
+            x = _call(graph, grad_scale, (g.operands.x, input_grad_scale(g)), like=g.operands.x)
+            node.replace_input_with(g.operands.x, x)
+        if isinstance(bias, fx.Node):
+            node.replace_input_with(bias, _call(graph, aten.mul.Tensor, (bias, 1 / m), like=bias))
+    with graph.inserting_after(node):
+        scaled = _call(graph, aten.mul.Tensor, (node, m), like=node)
+    node.replace_all_uses_with(scaled, lambda user: user is not scaled)
+
+
+def _unit_loss_gradient(graph: fx.Graph, gemms: list[Gemm]) -> float | None:
+    """× 1/σ_CE on the head's output, σ_CE = √((1−1/V)/V)/N (mean cross-entropy over N tokens)."""
+    heads = [g for g in gemms if g.role == "head"]
+    if len(heads) != 1:
+        return None
+    head = heads[0].node
+    scaled_out = next(iter(head.users))  # the multiplier inserted after the head
+    shape = concrete_shape(tensor_of(head).shape)
+    vocab, tokens = shape[-1], numel(shape) // shape[-1]
+    scale = 1 / math.sqrt(cross_entropy_grad_m2(vocab, tokens))
+    with graph.inserting_after(scaled_out):
+        logits = _call(graph, grad_scale, (scaled_out, scale), like=scaled_out)
+    scaled_out.replace_all_uses_with(logits, lambda user: user is not logits)
+    return scale
