@@ -69,7 +69,10 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence, grad_output_std: flo
 # ---------------------------------------------------------------- forward
 
 def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
-                      parameter_moments: ParameterMoments | None = None, dims: DimNames | None = None) -> None:
+                      parameter_moments: ParameterMoments | None = None, dims: DimNames | None = None,
+                      before_node: Callable[[fx.Node], None] | None = None) -> None:
+    """Forward half of `propagate`; `before_node(node)` runs before each call_function node's value is
+    computed (its inputs' values are known then: unit_scale sets static multipliers from them)."""
     bind = (lambda node, value: bind_forward(node, value, _argument_values(node))) if dims is not None \
         else (lambda node, value: value)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -82,6 +85,8 @@ def propagate_forward(gm: fx.GraphModule, example_inputs: Sequence,
             except RuntimeError as err:  # e.g. a functorch-wrapped constant with no readable storage
                 node.meta[META_FWD] = Unknown(f"constant {node.target}", f"cannot be read: {err}")
         elif node.op == "call_function":
+            if before_node is not None:
+                before_node(node)
             node.meta[META_FWD] = bind(node, forward_value(node, dims))
             if _mutates_first_arg(node):
                 _record_in_place_write(node)

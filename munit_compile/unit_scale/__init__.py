@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from munit_compile.unit_scale.analysis import ROLES, find_gemms, mark_parameters, parameter_roles
 from munit_compile.unit_scale.config import UnitScaleConfig, default_tau
-from munit_compile.unit_scale.rewrite import rewrite
+from munit_compile.unit_scale.rewrite import rewrite, unit_multipliers
 
 log = logging.getLogger("munit_compile")
 
@@ -46,6 +46,8 @@ class UnitScaled(nn.Module):
         self.munit_roles: dict[str, str] = {}
         self.munit_width: int | None = None
         self.munit_rewrite: dict = {}
+        self.input_multipliers: dict[str, float] = {}  # weight name -> static multiplier on its GEMM's input
+        self.output_grad_scales: dict[str, float] = {}  # weight name -> gradient scale on its GEMM's output
 
     def forward(self, *args, **kwargs):
         key = self._key(args, kwargs)
@@ -64,7 +66,9 @@ class UnitScaled(nn.Module):
     @torch._dynamo.disable
     def _capture(self, key, args, kwargs) -> torch.fx.GraphModule:
         graph = capture(self.model, args, kwargs)
-        self.munit_rewrite = rewrite(graph, self.config)
+        self.munit_rewrite = rewrite(graph, self.config, self.input_multipliers, self.output_grad_scales)
+        self.munit_rewrite["input_multipliers"] = len(self.input_multipliers)
+        self.munit_rewrite["output_grad_scales"] = len(self.output_grad_scales)
         self._graphs[key] = graph
         return graph
 
@@ -95,6 +99,13 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule
     return graph
 
 
+def graph_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The call's inputs in the order of the captured graph's placeholders (its pytree input spec)."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    return list(tree_flatten_spec((tuple(args), dict(kwargs)), gm.graph._codegen.pytree_info.in_spec))
+
+
 def _set_attr(module: nn.Module, name: str, value) -> None:
     *path, last = name.split(".")
     for part in path:
@@ -114,9 +125,10 @@ def unit_scale(model: nn.Module, example_inputs: tuple = (), example_kwargs: dic
     scaled = UnitScaled(model, config)
     graph = capture(model, example_inputs, example_kwargs)
     mark_parameters(graph)
-    roles = parameter_roles(graph, find_gemms(graph))
-    own = dict(model.named_parameters())
-    scaled.munit_roles = {f"model.{name}": roles.get(name, "norm") for name in own}
+    by_tensor = {id(graph.get_parameter(name)): role for name, role in parameter_roles(graph, find_gemms(graph)).items()}
+    own = dict(model.named_parameters())  # tied weights once, under the name export may not have used
+    roles = {name: by_tensor.get(id(p), "norm") for name, p in own.items()}
+    scaled.munit_roles = {f"model.{name}": role for name, role in roles.items()}
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     with torch.no_grad():
         for name, p in own.items():
@@ -129,6 +141,10 @@ def unit_scale(model: nn.Module, example_inputs: tuple = (), example_kwargs: dic
     embeddings = [p for name, p in own.items() if roles.get(name) == "embedding"]
     scaled.munit_width = int(embeddings[0].shape[1]) if embeddings else None
     scaled.train(model.training)
+    probe = capture(model, example_inputs, example_kwargs)
+    rewrite(probe, config, input_multipliers=None)
+    scaled.input_multipliers, scaled.output_grad_scales = unit_multipliers(
+        probe, graph_inputs(probe, example_inputs, example_kwargs))
     scaled._capture(scaled._key(example_inputs, example_kwargs), example_inputs, example_kwargs)
     log.info("munit.unit_scale: %s", scaled.munit_rewrite)
     return scaled

@@ -89,8 +89,9 @@ def parameter_roles(gm: fx.GraphModule, gemms: list[Gemm]) -> dict[str, str]:
         roles.setdefault(g.operands.w.target, g.role)
         if isinstance(g.operands.bias, fx.Node) and g.operands.bias.op == "get_attr":
             roles[g.operands.bias.target] = "bias"
-    for name, _ in gm.named_parameters():
-        roles.setdefault(name, "norm")
+    assigned = {id(gm.get_parameter(name)): role for name, role in roles.items()}
+    for name, p in gm.named_parameters(remove_duplicate=False):  # a tied weight: every name, one role
+        roles.setdefault(name, assigned.get(id(p), "norm"))
     return roles
 
 

@@ -19,6 +19,8 @@ from munit_compile.unit_scale.analysis import Gemm, Residual, find_gemms, find_r
 from munit_compile.unit_scale.config import UnitScaleConfig, default_tau
 
 grad_scale = torch.ops.munit.grad_scale.default
+META_UNIT_INPUT = "munit_unit_input"  # probe graphs: this mul's constant is a GEMM input multiplier to set
+META_UNIT_GRAD = "munit_unit_grad"    # probe graphs: this grad_scale's constant is a GEMM output-gradient scale
 LOSS_OPS = (aten.cross_entropy_loss.default,)
 ASSERT_OPS = (aten._assert_tensor_metadata.default,)  # export's dtype asserts: they would forbid .to(dtype)
 
@@ -38,8 +40,14 @@ def count_layers(residuals: list[Residual]) -> int:
     return max(1, round(len(residuals) / 2))
 
 
-def rewrite(gm: fx.GraphModule, config: UnitScaleConfig) -> dict:
-    """Rewrite `gm` in place (see the module docstring); returns what was done, for the report."""
+def rewrite(gm: fx.GraphModule, config: UnitScaleConfig, input_multipliers: dict[str, float] | None = None,
+            output_grad_scales: dict[str, float] | None = None) -> dict:
+    """Rewrite `gm` in place (see the module docstring); returns what was done, for the report.
+
+    `input_multipliers`: weight name -> a static multiplier on that GEMM's input (unit σ at init; see
+    `unit_multipliers`); `output_grad_scales`: weight name -> c, a `grad_scale(y, c)` after that GEMM's
+    output (its x-path gradient scale divided by c, so gradients upstream are unchanged). None for
+    both: a probe graph with 1s on every hidden GEMM, tagged for `unit_multipliers` to set."""
     mark_parameters(gm)
     for node in [n for n in gm.graph.nodes if n.target in ASSERT_OPS]:
         gm.graph.erase_node(node)
@@ -47,7 +55,10 @@ def rewrite(gm: fx.GraphModule, config: UnitScaleConfig) -> dict:
     residuals = find_residuals(gm, gemms)
     tau = config.tau if config.tau is not None else default_tau(count_layers(residuals))
     for g in gemms:  # first: residual rewrites read their operands from the graph as it then is
-        _scale_gemm(gm.graph, g, config.unit_backward)
+        probe = input_multipliers is None and g.role == "hidden"
+        c = 1.0 if probe else (input_multipliers or {}).get(g.operands.w.target)
+        c_grad = (1.0 if probe else (output_grad_scales or {}).get(g.operands.w.target)) if config.unit_backward else None
+        _scale_gemm(gm.graph, g, config.unit_backward, c, c_grad, probe)
     for r in residuals:
         _rewrite_residual(gm.graph, r, tau, config.norm_placement)
     logits_scale = _unit_loss_gradient(gm.graph, gemms) if config.unit_backward else None
@@ -79,18 +90,30 @@ def _rewrite_residual(graph: fx.Graph, r: Residual, tau: float, placement: str) 
     r.add.replace_all_uses_with(mixed)
 
 
-def _scale_gemm(graph: fx.Graph, g: Gemm, unit_backward: bool) -> None:
+def _scale_gemm(graph: fx.Graph, g: Gemm, unit_backward: bool, input_multiplier: float | None,
+                output_grad_scale: float | None, probe: bool) -> None:
     node, m = g.node, multiplier(g)
-    bias = g.operands.bias
+    bias, x = g.operands.bias, g.operands.x
     with graph.inserting_before(node):
+        if input_multiplier is not None:
+            x = _call(graph, aten.mul.Tensor, (x, input_multiplier), like=x)
+            if probe:
+                x.meta[META_UNIT_INPUT] = g.operands.w.target
         if unit_backward:
-            x = _call(graph, grad_scale, (g.operands.x, input_grad_scale(g)), like=g.operands.x)
+            x = _call(graph, grad_scale, (x, input_grad_scale(g) / (output_grad_scale or 1.0)), like=x)
+        if x is not g.operands.x:
             node.replace_input_with(g.operands.x, x)
         if isinstance(bias, fx.Node):
             node.replace_input_with(bias, _call(graph, aten.mul.Tensor, (bias, 1 / m), like=bias))
     with graph.inserting_after(node):
         scaled = _call(graph, aten.mul.Tensor, (node, m), like=node)
     node.replace_all_uses_with(scaled, lambda user: user is not scaled)
+    if output_grad_scale is not None:
+        with graph.inserting_after(scaled):
+            out = _call(graph, grad_scale, (scaled, output_grad_scale), like=scaled)
+        scaled.replace_all_uses_with(out, lambda user: user is not out)
+        if probe:
+            out.meta[META_UNIT_GRAD] = g.operands.w.target
 
 
 def _unit_loss_gradient(graph: fx.Graph, gemms: list[Gemm]) -> float | None:
@@ -107,3 +130,34 @@ def _unit_loss_gradient(graph: fx.Graph, gemms: list[Gemm]) -> float | None:
         logits = _call(graph, grad_scale, (scaled_out, scale), like=scaled_out)
     scaled_out.replace_all_uses_with(logits, lambda user: user is not logits)
     return scale
+
+
+UNIT_BAND = (2 ** -0.5, 2 ** 0.5)  # σ inside this band already gets FP8 scale 1
+
+
+def unit_multipliers(gm: fx.GraphModule, example_inputs: list) -> tuple[dict[str, float], dict[str, float]]:
+    """(input multipliers, output-gradient scales), weight name -> constant, for the hidden GEMMs of a
+    probe graph (`rewrite(..., None)`) where the variance engine predicts σ outside [1/√2, √2] at init:
+    inputs (attention outputs ≈ 0.45, GELU/SiLU outputs ≈ 0.6) × 1/σ, set in one forward pass before
+    their consumers are analysed; output gradients (q/k projections, MLP up) × 1/σ_grad."""
+    from munit_compile.ir import META_BWD, META_FWD
+    from munit_compile.passes.values import Moments
+    from munit_compile.passes.variance import propagate_backward, propagate_forward
+
+    inputs: dict[str, float] = {}
+
+    def set_multiplier(node: fx.Node) -> None:
+        weight = node.meta.get(META_UNIT_INPUT)
+        value = node.args[0].meta.get(META_FWD) if weight is not None else None
+        if isinstance(value, Moments) and value.rms > 0 and not (UNIT_BAND[0] <= value.rms <= UNIT_BAND[1]):
+            inputs[weight] = 1 / value.rms
+            node.args = (node.args[0], inputs[weight])
+
+    propagate_forward(gm, example_inputs, before_node=set_multiplier)
+    propagate_backward(gm)
+    grads: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        weight, g = node.meta.get(META_UNIT_GRAD), node.meta.get(META_BWD)
+        if weight is not None and isinstance(g, Moments) and g.rms > 0 and not (UNIT_BAND[0] <= g.rms <= UNIT_BAND[1]):
+            grads[weight] = 1 / g.rms
+    return inputs, grads
