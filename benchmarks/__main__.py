@@ -6,6 +6,9 @@ import sys
 
 BENCHMARKS = {
     "analysis-time": ("benchmarks.analysis_time", "variance analysis of a 48-layer d=4096 Llama built on the meta device"),
+    "quality": ("benchmarks.quality", "sp_bf16 vs mus_bf16 vs mus_fp8 validation loss at equal tokens, each at its best LR"),
+    "lr-transfer": ("benchmarks.lr_transfer", "optimal LR vs width (x8 range), SP vs muS"),
+    "seeds": ("benchmarks.seeds", "spread of final loss over seeds, FP8 vs BF16, at each parametrization's best LR"),
 }
 
 

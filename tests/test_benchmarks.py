@@ -7,7 +7,8 @@ from benchmarks import analysis_time
 
 def test_list_names_every_benchmark(capsys):
     assert harness.main(["--list"]) == 0
-    assert all(name in capsys.readouterr().out for name in harness.BENCHMARKS)
+    listing = capsys.readouterr().out
+    assert len(harness.BENCHMARKS) >= 4 and all(name in listing for name in harness.BENCHMARKS)
     assert harness.main(["no-such-benchmark"]) == 2
 
 
@@ -18,3 +19,44 @@ def test_analysis_time_smoke_writes_json(tmp_path):
     assert result["gemms_fp8"] == result["gemms_total"] - 1 and result["unknown_ops"] == []
     assert set(result["median_seconds"]) == {"capture", "normalize", "variance", "fp8_plan", "total"}
     assert all(v >= 0 for v in result["median_seconds"].values())
+
+
+def _png_ok(path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_quality_smoke_writes_json_and_plot(tmp_path):
+    from benchmarks import quality
+
+    out = tmp_path / "quality.json"
+    assert quality.main(["--smoke", "--corpus", str(tmp_path / "absent.txt"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"sp_bf16", "mus_bf16", "mus_fp8"}
+    for run in result["runs"].values():
+        assert run["tokens"] == 30 * 8 * 32 and 0 < run["final_val_loss"] < 6  # below log(256) = 5.5 + slack
+    assert result["runs"]["mus_fp8"]["lr"] == result["runs"]["mus_bf16"]["lr"]
+    assert {"commit", "date", "machine", "torch", "triton"} <= set(result)
+    assert "pydoc" in result["corpus"]  # the corpus was absent: the built-in fallback text
+    assert _png_ok(tmp_path / "quality.png")
+
+
+def test_lr_transfer_smoke_writes_json_and_plot(tmp_path):
+    from benchmarks import lr_transfer
+
+    out = tmp_path / "lr.json"
+    assert lr_transfer.main(["--smoke", "--corpus", str(tmp_path / "absent.txt"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["optimal_lr"]) == {"sp", "mus"} and len(result["runs"]) == 2 * 2 * 2
+    assert all(str(w) in result["optimal_lr"]["mus"] for w in result["widths"])
+    assert _png_ok(tmp_path / "lr.png")
+
+
+def test_seeds_smoke_writes_json(tmp_path):
+    from benchmarks import seeds
+
+    out = tmp_path / "seeds.json"
+    assert seeds.main(["--smoke", "--corpus", str(tmp_path / "absent.txt"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for run in result["runs"].values():
+        assert len(run["final_val_loss"]) == 2 and run["std"] >= 0 and run["range"] >= 0

@@ -1,0 +1,56 @@
+"""What every benchmark result records about where it ran, and how results are written."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+
+def environment() -> dict:
+    """git commit, UTC date, machine (CPU model and cores, or the GPU's name), torch and triton versions."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    else:
+        machine = f"{_cpu_model()}, {os.cpu_count()} cores"
+    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine, "torch": torch.__version__, "triton": triton_version}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+
+
+def plot_path(json_path: str | None, name: str, explicit: str | None = None) -> str | None:
+    """Where a benchmark's PNG goes: --png, else next to --json with the same stem, else nowhere."""
+    if explicit:
+        return explicit
+    return os.path.splitext(json_path)[0] + ".png" if json_path else None

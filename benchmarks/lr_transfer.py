@@ -1,0 +1,108 @@
+"""lr-transfer: is μS's optimal learning rate the same across widths, while SP's moves?
+
+For each width (a ×8 range) and each LR of a power-of-two grid, trains the built-in GPT in BF16 with the
+standard parametrization (SP) and with μS (`munit.unit_scale`, hidden LR × √(base_width/width)), and
+reports the best LR per width per parametrization. Writes JSON and the classic transfer plot (final
+validation loss vs LR, one line per width, one panel per parametrization).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+
+from benchmarks.common import environment, plot_path, write_json
+from benchmarks.quality import parse_lrs
+from benchmarks.training import Recipe, load_corpus, train
+
+SMOKE = dict(layers=2, heads=2, seq=32, batch=8, steps=20, eval_every=10)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks lr-transfer", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", help="text file (default ../shared/data/shakespeare.txt)")
+    p.add_argument("--json", help="write the result here (the plot goes next to it)")
+    p.add_argument("--png", help="where to write the plot")
+    p.add_argument("--smoke", action="store_true", help="two tiny widths, two LRs, 20 steps: plumbing only")
+    p.add_argument("--widths", default="64,128,256,512")
+    p.add_argument("--base-width", type=int, default=64, help="μS: the width at which hidden LR = lr")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--sp-lrs", default="-13,-12,-11,-10,-9,-8,-7")
+    p.add_argument("--mus-lrs", default="-8,-7,-6,-5,-4,-3,-2")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "lion"))
+    p.add_argument("--mus-weight-decay", type=float, default=1e-4)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    corpus = load_corpus(args.corpus)
+    widths = [int(w) for w in args.widths.split(",")]
+    lrs = {"sp": parse_lrs(args.sp_lrs), "mus": parse_lrs(args.mus_lrs)}
+    base = Recipe(precision="bf16", layers=args.layers, steps=args.steps, base_width=args.base_width,
+                  eval_every=args.steps, optimizer=args.optimizer)
+    if args.smoke:
+        widths, base = [32, 64], replace(base, **SMOKE, base_width=32)
+        lrs = {k: v[len(v) // 2: len(v) // 2 + 2] for k, v in lrs.items()}
+    print(f"lr-transfer: {corpus.description}", file=sys.stderr)
+    start, runs = time.perf_counter(), []
+    for parametrization, grid in lrs.items():
+        for width in widths:
+            for lr in grid:
+                recipe = replace(base, parametrization=parametrization, width=width, lr=lr,
+                                 heads=max(1, width // 64) if not args.smoke else 2,
+                                 weight_decay=args.mus_weight_decay if parametrization == "mus" else 0.1)
+                r = train(recipe, corpus, progress=False)
+                print(f"  {parametrization:3s} width {width:4d} lr 2^{_log2(lr):+.0f}: {r['final_val_loss']:.4f}",
+                      file=sys.stderr)
+                runs.append({"parametrization": parametrization, "width": width, "lr": lr,
+                             "final_val_loss": r["final_val_loss"], "seconds": r["seconds"]})
+    optimal = {p: {str(w): min((r for r in runs if r["parametrization"] == p and r["width"] == w),
+                               key=lambda r: r["final_val_loss"])["lr"] for w in widths} for p in lrs}
+    shift = {p: _log2(max(o.values())) - _log2(min(o.values())) for p, o in optimal.items()}
+    result = {"benchmark": "lr-transfer", **environment(), "corpus": corpus.description, "smoke": args.smoke,
+              "steps": base.steps, "tokens_per_run": base.steps * base.batch * base.seq, "widths": widths,
+              "optimal_lr": optimal, "optimal_lr_spread_log2": shift, "runs": runs,
+              "seconds": time.perf_counter() - start}
+    for p, o in optimal.items():
+        print(f"{p:3s} optimal LR per width: " + ", ".join(f"{w}: 2^{_log2(lr):+.0f}" for w, lr in o.items())
+              + f"  (spread {shift[p]:.0f} grid steps)")
+    write_json(result, args.json)
+    png = plot_path(args.json, "lr_transfer", args.png)
+    if png:
+        plot(result, png)
+    return 0
+
+
+def _log2(x: float) -> float:
+    import math
+
+    return math.log2(x)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, parametrization in zip(axes, ("sp", "mus")):
+        for width in result["widths"]:
+            points = sorted((r["lr"], r["final_val_loss"]) for r in result["runs"]
+                            if r["parametrization"] == parametrization and r["width"] == width)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"width {width}")
+        ax.set_xscale("log", base=2)
+        ax.set_title({"sp": "standard parametrization", "mus": "μS (munit.unit_scale)"}[parametrization])
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"validation loss after {result['steps']} steps")
+    axes[1].legend()
+    fig.suptitle(f"lr-transfer: {result['machine']}, commit {result['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -1,0 +1,103 @@
+"""quality: does μS + static FP8 train as well as a standard BF16 baseline, at equal tokens?
+
+Three runs of the built-in GPT on the same data in the same order: sp_bf16 (standard init, pre-LN,
+AdamW: the baseline), mus_bf16 (`munit.unit_scale` + `munit.optim`) and mus_fp8 (the same, compiled with
+the munit backend). sp and mus each get their own best LR from a sweep over powers of two (a fair
+comparison tunes both); mus_fp8 uses mus_bf16's. Writes JSON and a PNG of the validation curves.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+
+from benchmarks.common import environment, plot_path, write_json
+from benchmarks.training import Recipe, load_corpus, sweep_lr, train
+
+SMOKE = dict(width=64, layers=2, heads=2, seq=32, batch=8, steps=30, eval_every=10, base_width=64)
+
+
+def parse_lrs(text: str) -> list[float]:
+    """'-12,-10,-8' -> [2**-12, 2**-10, 2**-8] (exponents of two)."""
+    return [2.0 ** float(e) for e in text.split(",") if e.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", help="text file (default ../shared/data/shakespeare.txt; held-out works = validation)")
+    p.add_argument("--json", help="write the result here (a PNG of the curves goes next to it)")
+    p.add_argument("--png", help="where to write the loss-curve plot")
+    p.add_argument("--smoke", action="store_true", help="a tiny model for 30 steps: checks the plumbing only")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--sp-lrs", default="-12,-11,-10,-9", help="SP LR grid, exponents of 2")
+    p.add_argument("--mus-lrs", default="-7,-6,-5,-4", help="μS LR grid, exponents of 2")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "lion"), help="μS optimizer")
+    p.add_argument("--mus-weight-decay", type=float, default=1e-4, help="μS decoupled decay per step")
+    p.add_argument("--tau", type=float, default=None, help="μS residual τ (default: from depth)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    corpus = load_corpus(args.corpus)
+    base = Recipe(width=args.width, layers=args.layers, steps=args.steps, base_width=args.width)
+    sp_lrs, mus_lrs = parse_lrs(args.sp_lrs), parse_lrs(args.mus_lrs)
+    if args.smoke:
+        base = replace(base, **SMOKE)
+        sp_lrs, mus_lrs = sp_lrs[-1:], mus_lrs[-1:]
+    print(f"quality: {corpus.description}", file=sys.stderr)
+    start = time.perf_counter()
+    sp_best, sp_runs = sweep_lr(replace(base, parametrization="sp", precision="bf16"), sp_lrs, corpus)
+    mus = replace(base, parametrization="mus", precision="bf16", optimizer=args.optimizer,
+                  weight_decay=args.mus_weight_decay, tau=args.tau)
+    mus_best, mus_runs = sweep_lr(mus, mus_lrs, corpus)
+    fp8 = train(replace(mus, precision="fp8", lr=mus_best["recipe"]["lr"]), corpus)
+    runs = {"sp_bf16": sp_best, "mus_bf16": mus_best, "mus_fp8": fp8}
+    result = {
+        "benchmark": "quality", **environment(), "corpus": corpus.description, "smoke": args.smoke,
+        "seconds": time.perf_counter() - start,
+        "runs": {name: {"final_val_loss": r["final_val_loss"], "tokens": r["tokens"], "lr": r["recipe"]["lr"],
+                        "curve": r["curve"], "seconds": r["seconds"]} for name, r in runs.items()},
+        "sweeps": {"sp_bf16": _sweep(sp_runs), "mus_bf16": _sweep(mus_runs)},
+        "recipe": {k: v for k, v in mus_best["recipe"].items() if k not in ("lr", "parametrization", "precision")},
+    }
+    sp_loss = runs["sp_bf16"]["final_val_loss"]
+    result["mus_fp8_vs_sp_bf16"] = runs["mus_fp8"]["final_val_loss"] / sp_loss - 1
+    result["mus_fp8_vs_mus_bf16"] = runs["mus_fp8"]["final_val_loss"] / runs["mus_bf16"]["final_val_loss"] - 1
+    for name, r in result["runs"].items():
+        print(f"{name:9s} lr {r['lr']:.3g}  final val loss {r['final_val_loss']:.4f}  ({r['tokens']:,} tokens)")
+    print(f"mus_fp8 vs sp_bf16 {result['mus_fp8_vs_sp_bf16']:+.2%}, vs mus_bf16 {result['mus_fp8_vs_mus_bf16']:+.2%}")
+    write_json(result, args.json)
+    png = plot_path(args.json, "quality", args.png)
+    if png:
+        plot(result, png)
+    return 0
+
+
+def _sweep(runs: list[dict]) -> list[dict]:
+    return [{"lr": r["recipe"]["lr"], "final_val_loss": r["final_val_loss"]} for r in runs]
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in result["runs"].items():
+        steps, losses = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot([s * r["tokens"] / max(steps[-1], 1) / 1e6 for s in steps], losses, marker=".",
+                label=f"{name} (lr {r['lr']:.3g}): {r['final_val_loss']:.3f}")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("validation loss (held-out works)")
+    ax.set_title(f"quality: {result['machine']}, commit {result['commit']}", fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -1,0 +1,65 @@
+"""seeds: how much does the final loss vary over seeds, FP8 vs BF16, at each parametrization's best LR?
+
+Runs sp_bf16, mus_bf16 and mus_fp8 with several model seeds (the data order is fixed) and reports the
+mean, standard deviation and range of the final validation loss. Best LRs come from a quality result
+(--from quality.json) or --sp-lr/--mus-lr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+from benchmarks.common import environment, write_json
+from benchmarks.quality import SMOKE
+from benchmarks.training import Recipe, load_corpus, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks seeds", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", help="text file (default ../shared/data/shakespeare.txt)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--smoke", action="store_true", help="a tiny model, 2 seeds, 30 steps: plumbing only")
+    p.add_argument("--from", dest="source", help="a quality JSON: take its best LRs, steps and recipe")
+    p.add_argument("--sp-lr", type=float, default=2**-10)
+    p.add_argument("--mus-lr", type=float, default=2**-5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    corpus = load_corpus(args.corpus)
+    base = Recipe(width=args.width, layers=args.layers, steps=args.steps, base_width=args.width)
+    lrs = {"sp": args.sp_lr, "mus": args.mus_lr}
+    if args.source:
+        with open(args.source) as f:
+            quality = json.load(f)
+        lrs = {"sp": quality["runs"]["sp_bf16"]["lr"], "mus": quality["runs"]["mus_bf16"]["lr"]}
+        recipe = {k: v for k, v in quality["recipe"].items() if k in Recipe.__dataclass_fields__ and k != "seed"}
+        base = replace(base, **recipe)
+    seeds = list(range(args.seeds))
+    if args.smoke:
+        base, seeds = replace(base, **SMOKE), [0, 1]
+    print(f"seeds: {corpus.description}", file=sys.stderr)
+    start, result_runs = time.perf_counter(), {}
+    for name, parametrization, precision in (("sp_bf16", "sp", "bf16"), ("mus_bf16", "mus", "bf16"),
+                                             ("mus_fp8", "mus", "fp8")):
+        recipe = replace(base, parametrization=parametrization, precision=precision, lr=lrs[parametrization],
+                         weight_decay=base.weight_decay if parametrization == "mus" else 0.1)
+        losses = [train(replace(recipe, seed=s), corpus)["final_val_loss"] for s in seeds]
+        result_runs[name] = {"lr": recipe.lr, "seeds": seeds, "final_val_loss": losses,
+                             "mean": statistics.fmean(losses), "std": statistics.pstdev(losses),
+                             "range": max(losses) - min(losses)}
+        print(f"{name:9s} lr {recipe.lr:.3g}: mean {result_runs[name]['mean']:.4f} ± {result_runs[name]['std']:.4f} "
+              f"(range {result_runs[name]['range']:.4f}) over {len(seeds)} seeds")
+    result = {"benchmark": "seeds", **environment(), "corpus": corpus.description, "smoke": args.smoke,
+              "tokens": base.steps * base.batch * base.seq, "runs": result_runs, "seconds": time.perf_counter() - start}
+    write_json(result, args.json)
+    return 0
