@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 NORM_PLACEMENTS = ("res_post", "pre")
+ATTENTION_SCALES = ("model", "1/d")
 
 
 def default_tau(n_layers: int) -> float:
@@ -22,11 +23,14 @@ class UnitScaleConfig:
     unit_backward: give gradients unit scale too (identity-forward `munit::grad_scale` on the logits and
       on each GEMM's input-gradient path); parameter gradients are then a constant multiple of the true
       ones, which Adam-like optimizers and decoupled weight decay do not see.
+    attention_scale: "model" keeps the model's softmax(q·kᵀ/√d); "1/d" uses q·kᵀ/d (μP's attention
+      scaling: logits stay O(1) as q and k align during training) in every scaled_dot_product_attention.
     seed: of the N(0, 1) re-initialization."""
 
     tau: float | None = None
     norm_placement: str = "res_post"
     unit_backward: bool = True
+    attention_scale: str = "model"
     seed: int = 0
 
     def __post_init__(self):
@@ -35,6 +39,8 @@ class UnitScaleConfig:
             raise ValueError(f"UnitScaleConfig.tau must be in (0, 1) (or None for the depth default), got {self.tau!r}")
         if self.norm_placement not in NORM_PLACEMENTS:
             raise ValueError(f"UnitScaleConfig.norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.attention_scale not in ATTENTION_SCALES:
+            raise ValueError(f"UnitScaleConfig.attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}")
         if not isinstance(self.unit_backward, bool):
             raise ValueError(f"UnitScaleConfig.unit_backward must be a bool, got {self.unit_backward!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -61,6 +61,8 @@ def rewrite(gm: fx.GraphModule, config: UnitScaleConfig, input_multipliers: dict
         _scale_gemm(gm.graph, g, config.unit_backward, c, c_grad, probe)
     for r in residuals:
         _rewrite_residual(gm.graph, r, tau, config.norm_placement)
+    if config.attention_scale == "1/d":
+        _inverse_head_dim_attention(gm.graph)
     logits_scale = _unit_loss_gradient(gm.graph, gemms) if config.unit_backward else None
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -114,6 +116,17 @@ def _scale_gemm(graph: fx.Graph, g: Gemm, unit_backward: bool, input_multiplier:
         scaled.replace_all_uses_with(out, lambda user: user is not out)
         if probe:
             out.meta[META_UNIT_GRAD] = g.operands.w.target
+
+
+def _inverse_head_dim_attention(graph: fx.Graph) -> None:
+    """softmax(q·kᵀ/d) instead of /√d in every SDPA (its `scale` argument)."""
+    for node in graph.nodes:
+        if node.target is aten.scaled_dot_product_attention.default:
+            head_dim = concrete_shape(tensor_of(node.args[0]).shape)[-1]
+            if len(node.args) > 6:
+                node.args = (*node.args[:6], 1.0 / head_dim, *node.args[7:])
+            else:
+                node.kwargs = {**node.kwargs, "scale": 1.0 / head_dim}
 
 
 def _unit_loss_gradient(graph: fx.Graph, gemms: list[Gemm]) -> float | None:
