@@ -95,6 +95,7 @@ class Recipe:
     base_width: int = 256
     tau: float | None = None
     attention_scale: str = "model"  # mus: "model" (1/√d) or "1/d"
+    norm_placement: str = "res_post"  # mus: "res_post" or "pre"
     warmup: float = 0.05
     final_lr: float = 0.1
     eval_every: int = 100
@@ -135,7 +136,8 @@ def build(recipe: Recipe, example: tuple[torch.Tensor, torch.Tensor]):
                                        {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     elif recipe.parametrization == "mus":
         model = munit.unit_scale(model, example, config=munit.UnitScaleConfig(
-            tau=recipe.tau, seed=recipe.seed, attention_scale=recipe.attention_scale))
+            tau=recipe.tau, seed=recipe.seed, attention_scale=recipe.attention_scale,
+            norm_placement=recipe.norm_placement))
         groups = munit.param_groups(model, recipe.lr, weight_decay=recipe.weight_decay, base_width=recipe.base_width)
         optimizer = (munit.optim.Lion if recipe.optimizer == "lion" else munit.optim.AdamW)(groups)
     else:

@@ -57,6 +57,8 @@ class UnitScaled(nn.Module):
         return graph(*args, **kwargs)
 
     def _key(self, args, kwargs) -> tuple:
+        """What a captured graph is specialized to: train/eval (dropout is baked per mode), the
+        parameters' dtype and device, and the inputs' shapes and dtypes."""
         def sig(v):
             return (tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else repr(v)
         param = next(self.model.parameters())
@@ -75,9 +77,6 @@ class UnitScaled(nn.Module):
     def _apply(self, fn, recurse=True):
         self._graphs.clear()  # a dtype/device change: re-capture with the converted parameters
         return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        return super().train(mode)  # the mode is part of the capture key (dropout is baked per mode)
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
