@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mus-weight-decay", type=float, default=1e-4, help="μS decoupled decay per step")
     p.add_argument("--tau", type=float, default=None, help="μS residual τ (default: from depth)")
     p.add_argument("--attention-scale", default="model", choices=("model", "1/d"), help="μS attention logit scale")
+    p.add_argument("--qk-norm", action="store_true", help="μS: LayerNorm on q and k before attention")
     p.add_argument("--norm-placement", default="res_post", choices=("res_post", "pre"), help="μS norm placement")
     return p
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     sp_best, sp_runs = sweep_lr(replace(base, parametrization="sp", precision="bf16"), sp_lrs, corpus)
     mus = replace(base, parametrization="mus", precision="bf16", optimizer=args.optimizer,
                   weight_decay=args.mus_weight_decay, tau=args.tau, attention_scale=args.attention_scale,
-                  norm_placement=args.norm_placement)
+                  norm_placement=args.norm_placement, qk_norm=args.qk_norm)
     mus_best, mus_runs = sweep_lr(mus, mus_lrs, corpus)
     runs = {"sp_bf16": sp_best, "mus_bf16": mus_best}
     if not args.skip_fp8:

@@ -96,6 +96,7 @@ class Recipe:
     tau: float | None = None
     attention_scale: str = "model"  # mus: "model" (1/√d) or "1/d"
     norm_placement: str = "res_post"  # mus: "res_post" or "pre"
+    qk_norm: bool = False             # mus: LayerNorm on q and k before attention
     warmup: float = 0.05
     final_lr: float = 0.1
     eval_every: int = 100
@@ -137,7 +138,7 @@ def build(recipe: Recipe, example: tuple[torch.Tensor, torch.Tensor]):
     elif recipe.parametrization == "mus":
         model = munit.unit_scale(model, example, config=munit.UnitScaleConfig(
             tau=recipe.tau, seed=recipe.seed, attention_scale=recipe.attention_scale,
-            norm_placement=recipe.norm_placement))
+            norm_placement=recipe.norm_placement, qk_norm=recipe.qk_norm))
         groups = munit.param_groups(model, recipe.lr, weight_decay=recipe.weight_decay, base_width=recipe.base_width)
         optimizer = (munit.optim.Lion if recipe.optimizer == "lion" else munit.optim.AdamW)(groups)
     else:

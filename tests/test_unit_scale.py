@@ -133,14 +133,16 @@ def test_residuals_found_by_dependency_and_tau_rule():
 def test_inverse_head_dim_attention_and_pre_norm_options():
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 16))
-    config = munit.UnitScaleConfig(attention_scale="1/d", norm_placement="pre", tau=0.3)
+    config = munit.UnitScaleConfig(attention_scale="1/d", norm_placement="pre", tau=0.3, qk_norm=True)
     model = munit.unit_scale(builtin_gpt(), (ids, ids), config=config)
     graph = next(iter(model._graphs.values()))
     sdpa = [n for n in graph.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     head_dim = 64 // 4
     assert sdpa and all(n.kwargs.get("scale") == 1 / head_dim for n in sdpa)
     norms = [n for n in graph.graph.nodes if n.target is torch.ops.aten.layer_norm.default]
-    assert len(norms) == 2 * 2 + 1  # pre-norms kept (2 per layer) and the final norm; none added
+    qk = [a for n in sdpa for a in n.args[:2]]
+    assert all(a.target is torch.ops.aten.layer_norm.default for a in qk)  # q and k normalized
+    assert len(norms) == 2 * 2 + 1 + len(qk)  # pre-norms kept (2 per layer), the final norm, q/k norms
     assert model.munit_rewrite["tau"] == 0.3 and model.munit_rewrite["norms_moved"] == 0
     report = munit.inspect(model, ids, ids)
     assert report.summary["gemms_fp8"] == 8
@@ -153,7 +155,8 @@ def _exported(model, *args):
 
 @pytest.mark.parametrize("field, value, message", [
     ("tau", 0.0, "tau"), ("tau", 1.0, "tau"), ("tau", 1.5, "tau"),
-    ("norm_placement", "post", "norm_placement"), ("attention_scale", "sqrt", "attention_scale"), ("unit_backward", 1, "unit_backward"), ("seed", 0.5, "seed"),
+    ("norm_placement", "post", "norm_placement"), ("attention_scale", "sqrt", "attention_scale"),
+    ("qk_norm", "yes", "qk_norm"), ("unit_backward", 1, "unit_backward"), ("seed", 0.5, "seed"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -25,12 +25,15 @@ class UnitScaleConfig:
       ones, which Adam-like optimizers and decoupled weight decay do not see.
     attention_scale: "model" keeps the model's softmax(q·kᵀ/√d); "1/d" uses q·kᵀ/d (μP's attention
       scaling: logits stay O(1) as q and k align during training) in every scaled_dot_product_attention.
+    qk_norm: normalize q and k over the head dim (LayerNorm without affine) before every
+      scaled_dot_product_attention, so logits stay bounded as training aligns them (as OLMo-2, Gemma 3).
     seed: of the N(0, 1) re-initialization."""
 
     tau: float | None = None
     norm_placement: str = "res_post"
     unit_backward: bool = True
     attention_scale: str = "model"
+    qk_norm: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -41,7 +44,8 @@ class UnitScaleConfig:
             raise ValueError(f"UnitScaleConfig.norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
         if self.attention_scale not in ATTENTION_SCALES:
             raise ValueError(f"UnitScaleConfig.attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}")
-        if not isinstance(self.unit_backward, bool):
-            raise ValueError(f"UnitScaleConfig.unit_backward must be a bool, got {self.unit_backward!r}")
+        for name in ("unit_backward", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"UnitScaleConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"UnitScaleConfig.seed must be an int, got {self.seed!r}")

@@ -63,6 +63,8 @@ def rewrite(gm: fx.GraphModule, config: UnitScaleConfig, input_multipliers: dict
         _rewrite_residual(gm.graph, r, tau, config.norm_placement)
     if config.attention_scale == "1/d":
         _inverse_head_dim_attention(gm.graph)
+    if config.qk_norm:
+        _normalize_queries_and_keys(gm.graph)
     logits_scale = _unit_loss_gradient(gm.graph, gemms) if config.unit_backward else None
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -127,6 +129,18 @@ def _inverse_head_dim_attention(graph: fx.Graph) -> None:
                 node.args = (*node.args[:6], 1.0 / head_dim, *node.args[7:])
             else:
                 node.kwargs = {**node.kwargs, "scale": 1.0 / head_dim}
+
+
+def _normalize_queries_and_keys(graph: fx.Graph) -> None:
+    """q, k ← LN(q), LN(k) over the head dim (no affine) in every SDPA."""
+    for node in list(graph.nodes):
+        if node.target is aten.scaled_dot_product_attention.default:
+            with graph.inserting_before(node):
+                for i in (0, 1):
+                    t = node.args[i]
+                    head_dim = concrete_shape(tensor_of(t).shape)[-1]
+                    normed = _call(graph, aten.layer_norm.default, (t, [head_dim], None, None, 1e-5), like=t)
+                    node.args = (*node.args[:i], normed, *node.args[i + 1:])
 
 
 def _unit_loss_gradient(graph: fx.Graph, gemms: list[Gemm]) -> float | None:
