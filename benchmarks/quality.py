@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 
 from benchmarks.common import environment, plot_path, write_json
-from benchmarks.training import Recipe, load_corpus, sweep_lr, train
+from benchmarks.training import Recipe, load_corpus, train, train_all
 
 SMOKE = dict(width=64, layers=2, heads=2, seq=32, batch=8, steps=30, eval_every=10, base_width=64)
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes, one thread each)")
     p.add_argument("--skip-fp8", action="store_true", help="only the BF16 sweeps (recipe exploration)")
     p.add_argument("--sp-lrs", default="-12,-11,-10,-9", help="SP LR grid, exponents of 2")
     p.add_argument("--mus-lrs", default="-7,-6,-5,-4", help="μS LR grid, exponents of 2")
@@ -57,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         sp_lrs, mus_lrs = sp_lrs[-1:], mus_lrs[-1:]
     print(f"quality: {corpus.description}", file=sys.stderr)
     start = time.perf_counter()
-    sp_best, sp_runs = sweep_lr(replace(base, parametrization="sp", precision="bf16"), sp_lrs, corpus)
+    sp = replace(base, parametrization="sp", precision="bf16")
     mus = replace(base, parametrization="mus", precision="bf16", optimizer=args.optimizer,
                   weight_decay=args.mus_weight_decay, tau=args.tau, attention_scale=args.attention_scale,
                   norm_placement=args.norm_placement, qk_norm=args.qk_norm)
-    mus_best, mus_runs = sweep_lr(mus, mus_lrs, corpus)
+    swept = train_all([replace(sp, lr=lr) for lr in sp_lrs] + [replace(mus, lr=lr) for lr in mus_lrs], corpus, args.jobs)
+    sp_runs, mus_runs = swept[:len(sp_lrs)], swept[len(sp_lrs):]
+    best = lambda runs: min(runs, key=lambda r: r["final_val_loss"])  # noqa: E731
+    sp_best, mus_best = best(sp_runs), best(mus_runs)
     runs = {"sp_bf16": sp_best, "mus_bf16": mus_best}
     if not args.skip_fp8:
         runs["mus_fp8"] = train(replace(mus, precision="fp8", lr=mus_best["recipe"]["lr"]), corpus)

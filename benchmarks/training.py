@@ -199,7 +199,20 @@ def train(recipe: Recipe, corpus: Corpus, progress: bool = True) -> dict:
             "curve": curve, "seconds": time.perf_counter() - start}
 
 
-def sweep_lr(recipe: Recipe, lrs: list[float], corpus: Corpus, progress: bool = True) -> tuple[dict, list[dict]]:
+def train_all(recipes: list[Recipe], corpus: Corpus, jobs: int = 1, progress: bool = True) -> list[dict]:
+    """`train` each recipe, `jobs` at a time in separate processes (one thread each) when jobs > 1."""
+    if jobs <= 1 or len(recipes) <= 1:
+        return [train(r, corpus, progress) for r in recipes]
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        return list(pool.map(train, recipes, [corpus] * len(recipes), [progress] * len(recipes)))
+
+
+def sweep_lr(recipe: Recipe, lrs: list[float], corpus: Corpus, progress: bool = True, jobs: int = 1) -> tuple[dict, list[dict]]:
     """Run `recipe` at each LR; return (the best run, all runs)."""
-    runs = [train(replace(recipe, lr=lr), corpus, progress) for lr in lrs]
+    runs = train_all([replace(recipe, lr=lr) for lr in lrs], corpus, jobs, progress)
     return min(runs, key=lambda r: r["final_val_loss"]), runs
