@@ -36,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes, one thread each)")
     p.add_argument("--skip-fp8", action="store_true", help="only the BF16 sweeps (recipe exploration)")
-    p.add_argument("--sp-lrs", default="-12,-11,-10,-9", help="SP LR grid, exponents of 2")
-    p.add_argument("--mus-lrs", default="-7,-6,-5,-4", help="μS LR grid, exponents of 2")
+    p.add_argument("--sp-lrs", default="-10,-9,-8", help="SP LR grid, exponents of 2")
+    p.add_argument("--mus-lrs", default="-6,-5,-4", help="μS LR grid, exponents of 2")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "lion"), help="μS optimizer")
     p.add_argument("--mus-weight-decay", type=float, default=1e-4, help="μS decoupled decay per step")
     p.add_argument("--tau", type=float, default=None, help="μS residual τ (default: from depth)")
     p.add_argument("--attention-scale", default="model", choices=("model", "1/d"), help="μS attention logit scale")
-    p.add_argument("--qk-norm", action="store_true", help="μS: LayerNorm on q and k before attention")
+    p.add_argument("--no-qk-norm", dest="qk_norm", action="store_false", help="μS without LayerNorm on q and k")
     p.add_argument("--norm-placement", default="res_post", choices=("res_post", "pre"), help="μS norm placement")
     return p
 

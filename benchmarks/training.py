@@ -96,7 +96,7 @@ class Recipe:
     tau: float | None = None
     attention_scale: str = "model"  # mus: "model" (1/√d) or "1/d"
     norm_placement: str = "res_post"  # mus: "res_post" or "pre"
-    qk_norm: bool = False             # mus: LayerNorm on q and k before attention
+    qk_norm: bool = True              # mus: LayerNorm on q and k before attention
     warmup: float = 0.05
     final_lr: float = 0.1
     eval_every: int = 100

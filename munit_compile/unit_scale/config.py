@@ -27,13 +27,15 @@ class UnitScaleConfig:
       scaling: logits stay O(1) as q and k align during training) in every scaled_dot_product_attention.
     qk_norm: normalize q and k over the head dim (LayerNorm without affine) before every
       scaled_dot_product_attention, so logits stay bounded as training aligns them (as OLMo-2, Gemma 3).
+      On by default: without it μS trains stably only in a narrow LR band and ends behind SP
+      (benchmarks/README.md); with it, μS matches SP and tolerates 2× larger LRs.
     seed: of the N(0, 1) re-initialization."""
 
     tau: float | None = None
     norm_placement: str = "res_post"
     unit_backward: bool = True
     attention_scale: str = "model"
-    qk_norm: bool = False
+    qk_norm: bool = True
     seed: int = 0
 
     def __post_init__(self):
