@@ -21,7 +21,6 @@ from munit_compile.unit_scale.config import UnitScaleConfig, default_tau
 grad_scale = torch.ops.munit.grad_scale.default
 META_UNIT_INPUT = "munit_unit_input"  # probe graphs: this mul's constant is a GEMM input multiplier to set
 META_UNIT_GRAD = "munit_unit_grad"    # probe graphs: this grad_scale's constant is a GEMM output-gradient scale
-LOSS_OPS = (aten.cross_entropy_loss.default,)
 ASSERT_OPS = (aten._assert_tensor_metadata.default,)  # export's dtype asserts: they would forbid .to(dtype)
 
 
