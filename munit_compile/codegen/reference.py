@@ -45,3 +45,9 @@ def fp8_linear(
     if alpha != 1.0:
         acc = acc * alpha
     return acc.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def cast_transpose(x: torch.Tensor, scale: float, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, qᵀ) with q = sat(x·s) in FP8 `fmt`, qᵀ contiguous (the K-major copy backward GEMMs read)."""
+    q = cast_fp8(x, fmt, scale)
+    return q, q.t().contiguous()

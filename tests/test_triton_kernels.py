@@ -1,0 +1,87 @@
+"""Triton kernels: bit-exact against `codegen.reference` (TRITON_INTERPRET=1 on CPU, with the shim that
+makes the interpreter's conversions exact), and the sm_90a PTX they compile to (no GPU needed)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported: triton.jit reads it
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import triton_shim  # noqa: E402
+from munit_compile.codegen import reference  # noqa: E402
+from munit_compile.codegen.triton import cast_transpose as ct  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_shim.install()
+
+
+def hard_values(shape, gen) -> torch.Tensor:
+    """Normal values over 2^±12 in magnitude, plus entries past the FP8 range and exact zeros."""
+    x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-12, 12, shape, generator=gen).float())
+    x.view(-1)[::7] *= 1e6  # saturate
+    x.view(-1)[::11] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("shape", [(1, 1), (65, 130), (100, 37), (128, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cast_transpose_is_bit_exact(fmt, shape, dtype):
+    gen = torch.Generator().manual_seed(hash((fmt, shape)) % 2**31)
+    x = hard_values(shape, gen).to(dtype).to(DEVICE)
+    scale = 2.0 ** int(torch.randint(-3, 4, (1,), generator=gen))
+    q, qt = ct.cast_transpose(x, scale, fmt, blocks=(32, 32))
+    q_ref, qt_ref = reference.cast_transpose(x, scale, fmt)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8))
+    assert qt.is_contiguous() and qt.shape == (shape[1], shape[0])
+
+
+def test_cast_transpose_reads_strided_input():
+    gen = torch.Generator().manual_seed(1)
+    x = hard_values((48, 80), gen).to(DEVICE).t()  # a transposed view: strides (1, 80)
+    q, qt = ct.cast_transpose(x, 0.5, "e5m2", blocks=(32, 32))
+    q_ref, qt_ref = reference.cast_transpose(x, 0.5, "e5m2")
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt, dtype", [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])
+def test_shim_conversions_match_torch_including_ties_and_saturation(fmt, dtype):
+    import triton.language as tl
+
+    gen = torch.Generator().manual_seed(2)
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    ties = ((grid[1:] + grid[:-1]) / 2)  # exactly halfway between neighbours: round to even
+    x = torch.cat([ties, torch.randn(10_000, generator=gen) * 100, torch.tensor([1e9, -1e9])]).float()
+    spec_max = 448.0 if fmt == "e4m3" else 57344.0
+    expected = x.clamp(-spec_max, spec_max).to(dtype).view(torch.uint8).numpy()
+    got = triton_shim.convert(x.numpy(), tl.float32, ct.TL_FP8[fmt])
+    assert (got == expected).all()
+
+
+def _ptx(kernel, signature: dict, constexprs: dict) -> str:
+    fn = kernel.fn if not isinstance(kernel, triton.runtime.jit.JITFunction) else kernel
+    jit = triton.runtime.jit.JITFunction(fn) if not isinstance(fn, triton.runtime.jit.JITFunction) else fn
+    compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("fmt, cvt", [("e4m3", "cvt.rn.satfinite.e4m3x2.f32"), ("e5m2", "cvt.rn.satfinite.e5m2x2.f32")])
+def test_cast_transpose_ptx_for_sm90a_saturates_and_does_not_spill(fmt, cvt):
+    signature = {"x_ptr": "*fp32", "q_ptr": "*fp8e4nv" if fmt == "e4m3" else "*fp8e5",
+                 "qt_ptr": "*fp8e4nv" if fmt == "e4m3" else "*fp8e5", "M": "i32", "N": "i32",
+                 "stride_xm": "i32", "stride_xn": "i32", "scale": "fp32", "fmax": "fp32"}
+    constexprs = {"BLOCK_M": ct.DEFAULT_BLOCKS[0], "BLOCK_N": ct.DEFAULT_BLOCKS[1], "FP8": ct.TL_FP8[fmt]}
+    ptx = _ptx(ct.cast_transpose_kernel, signature, constexprs)
+    assert ".target sm_90a" in ptx
+    assert cvt in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx

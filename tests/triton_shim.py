@@ -1,0 +1,77 @@
+"""Test-only fixes for Triton's CPU interpreter (TRITON_INTERPRET=1), so kernel tests can be bit-exact.
+
+The interpreter's own float conversions round ties away from zero, lose the carry into the exponent, do
+not saturate and truncate BF16; its BF16 `tl.dot` multiplies raw bits. `install()` routes every float
+conversion through torch (round to nearest even) with saturation to the FP8 formats' finite range (what
+Hopper's `cvt.rn.satfinite` does), and computes `tl.dot` of 8/16-bit floats on their exact float32 values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
+
+_TORCH = {  # triton dtype -> (torch dtype, numpy storage dtype the interpreter uses)
+    tl.float8e4nv: (torch.float8_e4m3fn, np.uint8),
+    tl.float8e5: (torch.float8_e5m2, np.uint8),
+    tl.bfloat16: (torch.bfloat16, np.uint16),
+    tl.float16: (torch.float16, np.float16),
+    tl.float32: (torch.float32, np.float32),
+    tl.float64: (torch.float64, np.float64),
+}
+_SATURATE = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def _to_torch(data: np.ndarray, dtype) -> torch.Tensor:
+    torch_dtype, storage = _TORCH[dtype]
+    raw = torch.from_numpy(np.ascontiguousarray(data).view(storage).copy())
+    return raw.view(torch_dtype) if storage in (np.uint8, np.uint16) else raw
+
+
+def _to_numpy(t: torch.Tensor, dtype) -> np.ndarray:
+    _, storage = _TORCH[dtype]
+    if storage == np.uint8:
+        return t.contiguous().view(torch.uint8).numpy()
+    if storage == np.uint16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def convert(data: np.ndarray, src, dst) -> np.ndarray:
+    """Exact conversion src -> dst through torch; FP8 targets saturate to their finite range."""
+    value = _to_torch(data, src)
+    target, _ = _TORCH[dst]
+    if target in _SATURATE:
+        value = value.to(torch.float32).clamp(-_SATURATE[target], _SATURATE[target])
+    return _to_numpy(value.to(target), dst)
+
+
+def install() -> None:
+    """Patch the interpreter (idempotent)."""
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_munit_shim", False):
+        return
+    original_cast = builder.cast_impl
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        data = convert(src.data, src.dtype.scalar, dst_type.scalar)
+        return interpreter.TensorHandle(data, dst_type.scalar)
+
+    def cast_impl(self, src, dst_type):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if s in _TORCH and d in _TORCH and s.is_floating() and d.is_floating():
+            return interpreter.TensorHandle(convert(src.data, s, d), d)
+        return original_cast(self, src, dst_type)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        exact = [_to_torch(x.data, x.dtype.scalar).to(torch.float32).numpy() if x.dtype.scalar in _TORCH else x.data
+                 for x in (a, b)]
+        return interpreter.TensorHandle(np.matmul(exact[0], exact[1], dtype=np.float32) + d.data, d.dtype.scalar)
+
+    builder.create_fp_to_fp = create_fp_to_fp
+    builder.cast_impl = cast_impl
+    builder.create_fp_ext = cast_impl
+    builder.create_fp_trunc = cast_impl
+    builder.create_dot = create_dot
+    builder._munit_shim = True
