@@ -85,3 +85,68 @@ def test_cast_transpose_ptx_for_sm90a_saturates_and_does_not_spill(fmt, cvt):
     assert ".target sm_90a" in ptx
     assert cvt in ptx
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+# ---------------------------------------------------------------- FP8 GEMM with epilogue
+
+from munit_compile.codegen.triton import fp8_gemm  # noqa: E402
+
+GRID_STEPS = {"e4m3": (15, 8.0), "e5m2": (7, 4.0)}  # |m| ≤ 15 (7) in steps of 1/8 (1/4): exact in the format
+
+
+def dyadic_fp8(shape, fmt, gen) -> torch.Tensor:
+    """Random FP8 values on a grid where every product and every partial sum is exact in fp32, so the
+    result cannot depend on the order the kernel sums in (which differs from torch's matmul)."""
+    top, denominator = GRID_STEPS[fmt]
+    dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+    return (torch.randint(-top, top + 1, shape, generator=gen).float() / denominator).to(dtype)
+
+
+SMALL_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("mnk", [(33, 47, 80), (130, 70, 200), (64, 64, 64), (1, 16, 16)])
+@pytest.mark.parametrize("formats", [("e4m3", "e4m3"), ("e5m2", "e4m3")])
+@pytest.mark.parametrize("bias, alpha, out_dtype", [(False, 1.0, torch.float32), (True, 0.125, torch.bfloat16),
+                                                     (True, 1 / 3, torch.float32)])
+def test_fp8_gemm_epilogue_is_bit_exact(mnk, formats, bias, alpha, out_dtype):
+    M, N, K = mnk
+    gen = torch.Generator().manual_seed(M * 1000 + N + K)
+    a, b_t = dyadic_fp8((M, K), formats[0], gen).to(DEVICE), dyadic_fp8((N, K), formats[1], gen).to(DEVICE)
+    b = (torch.randn(N, generator=gen)).to(DEVICE) if bias else None
+    inv_scale = 2.0 ** -3
+    out = fp8_gemm.scaled_mm(a, b_t, inv_scale, b, alpha, out_dtype, config=SMALL_TILES)
+    expected = reference.scaled_mm(a, b_t, inv_scale, b, alpha, out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, expected), (out - expected).abs().max()
+
+
+def test_fp8_gemm_matches_the_high_precision_product_to_fp8_rounding():
+    # Independent of the reference: against a float64 matmul of the unquantized data (relative
+    # error of the product of two E4M3 roundings, 2·2^-4, plus accumulation).
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(70, 96, generator=gen), torch.randn(50, 96, generator=gen)
+    qx, qw = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    out = fp8_gemm.scaled_mm(qx.to(DEVICE), qw.to(DEVICE), 1.0, None, 1.0, torch.float32, config=SMALL_TILES).cpu()
+    exact = x.double() @ w.double().t()
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 0.08
+
+
+def test_fp8_gemm_default_config_ptx_uses_wgmma_with_e4m3_and_does_not_spill():
+    import triton.language as tl
+
+    sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*fp32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_am": "i32", "stride_ak": "constexpr", "stride_bn": "i32", "stride_bk": "constexpr",
+           "stride_cm": "i32", "stride_cn": "constexpr", "inv_scale": "fp32", "alpha": "fp32",
+           **{k: "constexpr" for k in ("HAS_BIAS", "OUT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+    cfg = fp8_gemm.DEFAULT_CONFIG
+    constexprs = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "HAS_BIAS": True, "OUT": tl.bfloat16,
+                  **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+    divisible = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 11)}  # what a launch with aligned shapes gives
+    kernel = fp8_gemm.fp8_gemm_kernel
+    fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(kernel.fn)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=divisible),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".e4m3.e4m3" in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx

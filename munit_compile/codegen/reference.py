@@ -24,8 +24,20 @@ def fp8_gemm(
     """
     a_fp8 = cast_fp8(a, a_format, a_scale)
     b_fp8 = cast_fp8(b_t, b_format, b_scale)
-    acc = a_fp8.to(torch.float32) @ b_fp8.to(torch.float32).t()
-    return (acc * (1.0 / (a_scale * b_scale))).to(out_dtype)
+    return scaled_mm(a_fp8, b_fp8, 1.0 / (a_scale * b_scale), out_dtype=out_dtype)
+
+
+def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: torch.Tensor | None = None,
+              alpha: float = 1.0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The FP8 GEMM with its epilogue, on FP8 operands a_q[M,K], b_t_q[N,K] ("TN"):
+    out = ((a_q @ b_t_qᵀ)·inv_scale + bias)·α in fp32, rounded once to out_dtype (the Triton kernel's order)."""
+    acc = a_q.to(torch.float32) @ b_t_q.to(torch.float32).t()
+    acc = acc * inv_scale
+    if bias is not None:
+        acc = acc + bias.to(torch.float32)
+    if alpha != 1.0:
+        acc = acc * alpha
+    return acc.to(out_dtype)
 
 
 def fp8_linear(
