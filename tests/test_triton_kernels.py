@@ -150,3 +150,24 @@ def test_fp8_gemm_default_config_ptx_uses_wgmma_with_e4m3_and_does_not_spill():
     ptx = compiled.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".e4m3.e4m3" in ptx
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.125])
+def test_fp8_linear_through_the_triton_kernels_equals_the_reference_forward_and_backward(monkeypatch, alpha):
+    import munit_compile.ops  # noqa: F401  (registers munit::fp8_linear)
+
+    gen = torch.Generator().manual_seed(7)
+    x0 = dyadic_fp8((3, 21, 48), "e4m3", gen).float()
+    w0 = dyadic_fp8((40, 48), "e4m3", gen).float()
+    b0 = dyadic_fp8((40,), "e4m3", gen).float()
+    dy = dyadic_fp8((3, 21, 40), "e5m2", gen).float()
+    results = {}
+    for kernels in ("triton", "reference"):
+        monkeypatch.setenv("MUNIT_KERNELS", kernels)
+        x, w, b = (t.clone().to(DEVICE).requires_grad_() for t in (x0, w0, b0))
+        y = torch.ops.munit.fp8_linear(x, w, b, 1.0, 1.0, 1.0, "e4m3", "e5m2", alpha)
+        y.backward(dy.to(DEVICE))
+        results[kernels] = (y.detach(), x.grad, w.grad, b.grad)
+    for got, expected in zip(results["triton"], results["reference"]):
+        assert torch.equal(got, expected)
+    assert results["triton"][0].abs().sum() > 0 and results["triton"][2].abs().sum() > 0

@@ -14,6 +14,7 @@ import math
 import torch
 
 from munit_compile.codegen import reference
+from munit_compile.codegen.select import kernels_for
 from munit_compile.ops.formats import check_scale, fp8_format
 
 
@@ -29,7 +30,7 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """[M,K] x [N,K] -> [M,N]: (q(a·s_a) @ q(b_t·s_b)ᵀ)/(s_a·s_b) in out_dtype (no autograd: a backward GEMM)."""
     _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format)
-    return reference.fp8_gemm(a, b_t, a_scale, b_scale, a_format, b_format, out_dtype)
+    return kernels_for(a).fp8_gemm(a, b_t, a_scale, b_scale, a_format, b_format, out_dtype)
 
 
 @fp8_gemm.register_fake
@@ -52,7 +53,7 @@ def fp8_linear(
 ) -> torch.Tensor:
     """y[..., N] = α·(x[..., K] @ w[N, K]ᵀ + bias) with static-scaled FP8 operands; output in x.dtype."""
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha)
-    return reference.fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha)
+    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha)
 
 
 @fp8_linear.register_fake
