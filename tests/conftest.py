@@ -1,4 +1,5 @@
-"""Shared test setup: offline Hugging Face, deterministic seeds, a GPU marker that skips on CPU."""
+"""Shared test setup: offline Hugging Face, deterministic seeds, a GPU marker that skips on CPU, and
+Triton's interpreter on machines without a GPU."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,6 +7,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the CPU interpreter. It must be on before anything imports triton.language
+    # (Inductor does), or the language's own @jit helpers (tl.cdiv, ...) are not interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported: triton.jit reads it
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest turns Triton's interpreter on for CPU runs"
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
