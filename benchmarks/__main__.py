@@ -8,6 +8,7 @@ BENCHMARKS = {
     "analysis-time": ("benchmarks.analysis_time", "variance analysis of a 48-layer d=4096 Llama built on the meta device"),
     "quality": ("benchmarks.quality", "sp_bf16 vs mus_bf16 vs mus_fp8 validation loss at equal tokens, each at its best LR"),
     "lr-transfer": ("benchmarks.lr_transfer", "optimal LR vs width (x8 range), SP vs muS"),
+    "gpu-check": ("benchmarks.gpu_check", "on a lent GPU: kernel tests, FP8 GEMM vs _scaled_mm vs bf16, a 1B Llama step (--dry-run on CPU)"),
     "seeds": ("benchmarks.seeds", "spread of final loss over seeds, FP8 vs BF16, at each parametrization's best LR"),
 }
 

@@ -60,3 +60,16 @@ def test_seeds_smoke_writes_json(tmp_path):
     result = json.loads(out.read_text())
     for run in result["runs"].values():
         assert len(run["final_val_loss"]) == 2 and run["std"] >= 0 and run["range"] >= 0
+
+
+def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--dry-run", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["tests"]["returncode"] == 0 and "collected" in result["tests"]["summary"]
+    assert result["gemms"] and all(r["munit_tflops"] > 0 for r in result["gemms"])
+    step = result["training_step"]
+    assert step["munit"]["tokens_per_s"] > 0 and step["inductor"]["tokens_per_s"] > 0
+    assert (tmp_path / "gpu.md").read_text().startswith("# gpu-check on ")
