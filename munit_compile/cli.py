@@ -1,4 +1,4 @@
-"""The `munit` command: `munit demo [options]` (more subcommands land with their features)."""
+"""The `munit` command: `munit demo [options]`, `munit inspect TARGET [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,15 @@ def _demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
+def _inspect(argv: list[str]) -> int:
+    from munit_compile import inspect_cli
+
+    return inspect_cli.main(argv)
+
+
 COMMANDS = {
     "demo": (_demo, "train a small GPT on an embedded corpus: eager baseline vs backend='munit'"),
+    "inspect": (_inspect, "predicted vs measured scales and the FP8 plan of a model (table, JSON, plot, MLIR)"),
 }
 
 
