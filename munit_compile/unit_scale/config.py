@@ -27,8 +27,8 @@ class UnitScaleConfig:
       scaling: logits stay O(1) as q and k align during training) in every scaled_dot_product_attention.
     qk_norm: normalize q and k over the head dim (LayerNorm without affine) before every
       scaled_dot_product_attention, so logits stay bounded as training aligns them (as OLMo-2, Gemma 3).
-      On by default: without it μS trains stably only in a narrow LR band and ends behind SP
-      (benchmarks/README.md); with it, μS matches SP and tolerates 2× larger LRs.
+      On by default: without it μS trains stably only in a narrow LR band and ends behind SP; with it,
+      at d 128 μS matched SP and tolerated 2× larger LRs (benchmarks/README.md; not yet at d 256).
     seed: of the N(0, 1) re-initialization."""
 
     tau: float | None = None
