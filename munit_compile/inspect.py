@@ -1,7 +1,7 @@
 """`munit.inspect`: what the analysis predicts for every tensor of a model, and what the FP8 plan does.
 
     report = munit.inspect(model, *example_inputs, measure=True, **example_kwargs)
-    report.table(); report.to_json("r.json"); report.as_dict()["summary"]["frac_within_sqrt2"]
+    report.table(); report.to_json("r.json"); report.plot("r.png"); report.as_dict()["summary"]["frac_within_sqrt2"]
     report.formula("linear_3").closed("m2")   # sympy, over batch, seq, d_model, ... and parameter m2s
 
 One row per graph node: name, op, shape, pred_std, pred_grad_std, meas_std, meas_grad_std, fp8,
@@ -71,6 +71,15 @@ class Report:
     def to_json(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.as_dict(), f, indent=1)
+
+    def plot(self, path, title: str = "munit.inspect") -> None:
+        """A PNG of predicted and measured σ per GEMM operand against the FP8 normal ranges (the
+        `munit inspect --plot` figure); needs a report made with measure=True."""
+        if not self.operand_checks:
+            raise ValueError("Report.plot needs measured operands: call munit.inspect(..., measure=True)")
+        from munit_compile.inspect_cli.plot import write_plot
+
+        write_plot(self, str(path), title)
 
     def worst(self, n: int = 10) -> list[OperandCheck]:
         """The n GEMM operands whose prediction is furthest (in log2) from the measurement."""

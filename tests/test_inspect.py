@@ -266,3 +266,15 @@ def test_in_place_writes_into_part_of_a_tensor_are_not_read_as_zeros():
     assert report.summary["unknown_ops"] == ["aten.copy_.default"]
     b = [r for r in report.rows if r["op"] == "aten.linear.default"][-1]
     assert b["fp8"] is None and b["status"] == "unknown" and "copy_" in b["reason"]
+
+
+def test_report_plot_writes_a_png_and_needs_a_measurement(tmp_path):
+    import munit_compile as munit
+    from small_models import MLP
+
+    model, x = MLP(), torch.randn(8, 64)
+    with pytest.raises(ValueError, match="measure=True"):
+        munit.inspect(model, x).plot(tmp_path / "no.png")
+    munit.inspect(model, x, measure=True).plot(tmp_path / "r.png")
+    data = (tmp_path / "r.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -1,7 +1,6 @@
 """`munit inspect --plot`: predicted and measured σ per GEMM operand against the FP8 normal ranges."""
 from __future__ import annotations
 
-
 from munit_compile.inspect_cli.common import E4M3_NORMAL, E5M2_NORMAL
 
 
