@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -100,7 +100,6 @@ class Recipe:
     warmup: float = 0.05
     final_lr: float = 0.1
     eval_every: int = 100
-    extra: dict = field(default_factory=dict)
 
     def label(self) -> str:
         return f"{self.parametrization}_{self.precision}"
@@ -211,8 +210,3 @@ def train_all(recipes: list[Recipe], corpus: Corpus, jobs: int = 1, progress: bo
                                                 initargs=(1,)) as pool:
         return list(pool.map(train, recipes, [corpus] * len(recipes), [progress] * len(recipes)))
 
-
-def sweep_lr(recipe: Recipe, lrs: list[float], corpus: Corpus, progress: bool = True, jobs: int = 1) -> tuple[dict, list[dict]]:
-    """Run `recipe` at each LR; return (the best run, all runs)."""
-    runs = train_all([replace(recipe, lr=lr) for lr in lrs], corpus, jobs, progress)
-    return min(runs, key=lambda r: r["final_val_loss"]), runs

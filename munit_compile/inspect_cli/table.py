@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import math
 
+from munit_compile.ir import op_name
+from munit_compile.passes.fp8_plan import GEMM_OPERANDS
 
-GEMM_OPS = ("aten.linear.default", "aten.addmm.default")
+
+GEMM_OPS = frozenset(op_name(op) for op in GEMM_OPERANDS)  # the ops the FP8 plan treats as weight GEMMs
 
 
 def is_gemm_row(row: dict, gemm_names: set[str] = frozenset()) -> bool:

@@ -23,7 +23,8 @@ import sympy
 import torch
 import torch.fx as fx
 
-from munit_compile.ir import META_SOURCE_NAME, aten, concrete_int, tensor_of
+from munit_compile.ir import META_BWD, META_FWD, META_SOURCE_NAME, aten, concrete_int, tensor_of
+from munit_compile.passes.values import Moments
 
 META_SYM_FWD = "munit_sym_fwd"  # SymbolicMoments: the node's local mean/m2 expressions
 META_SYM_BWD = "munit_sym_bwd"  # sympy expression of the node's gradient m2 (local)
@@ -246,8 +247,6 @@ def bind_forward(node: fx.Node, value, inputs) -> object:
     `inputs`: the Values of the node's arguments (their Syms name what an opaque result depends on).
     Values that are not Moments (Unknown, NotFloat) pass through; a tuple output binds element i as
     `<node>_<i>` and records a tuple of SymbolicMoments."""
-    from munit_compile.passes.values import Moments
-
     prefix = _short(node.meta.get(META_SOURCE_NAME, node.name))
     if isinstance(value, tuple):
         pairs = [_bind_moments(f"{prefix}_{i}", node, v, inputs) if isinstance(v, Moments) else (v, None)
@@ -280,8 +279,6 @@ def _bind_moments(prefix: str, node: fx.Node, value, inputs):
 
 def bind_backward(node: fx.Node, g):
     """Record the gradient's local m2 expression and re-bind it to the symbol `g2_<node>`."""
-    from munit_compile.passes.values import Moments
-
     if not isinstance(g, Moments):
         return g
     prefix = _short(node.meta.get(META_SOURCE_NAME, node.name))
@@ -300,8 +297,6 @@ class SymbolTable:
 
     @staticmethod
     def of_graph(gm: fx.GraphModule) -> "SymbolTable":
-        from munit_compile.ir import META_BWD, META_FWD
-
         table = SymbolTable({}, {})
         for node in gm.graph.nodes:
             value, local = node.meta.get(META_FWD), node.meta.get(META_SYM_FWD)
@@ -393,8 +388,6 @@ class Formula:
 
 def formulas_of_graph(gm: fx.GraphModule) -> dict[str, Formula]:
     """A Formula for every node a symbolic propagate annotated (empty if it did not run symbolically)."""
-    from munit_compile.ir import META_BWD, META_FWD
-
     table, dims, found = SymbolTable.of_graph(gm), gm.meta.get(META_DIMS), {}
     for node in gm.graph.nodes:
         symbols = {}

@@ -24,11 +24,10 @@ log = logging.getLogger("munit_compile")
 
 __all__ = ["unit_scale", "UnitScaled", "UnitScaleConfig", "default_tau", "ROLES"]
 
-INIT = {  # role -> re-initialization of the parameter, in place
+INIT = {  # role -> re-initialization of the parameter, in place (norm gains keep theirs: ones)
     "hidden": lambda p, gen: p.normal_(0.0, 1.0, generator=gen),
     "embedding": lambda p, gen: p.normal_(0.0, 1.0, generator=gen),
     "head": lambda p, gen: p.normal_(0.0, 1.0, generator=gen),
-    "norm": lambda p, gen: None,  # norm gains keep their init (ones); parameter-free norms have none
     "bias": lambda p, gen: p.zero_(),
 }
 
@@ -131,19 +130,17 @@ def unit_scale(model: nn.Module, example_inputs: tuple = (), example_kwargs: dic
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     with torch.no_grad():
         for name, p in own.items():
-            if p.is_meta:
+            if p.is_meta or roles[name] not in INIT:
                 continue
-            fresh = torch.empty(p.shape, dtype=torch.float32)
-            INIT[roles.get(name, "norm")](fresh, gen)
-            if roles.get(name, "norm") != "norm":
-                p.copy_(fresh)
-    embeddings = [p for name, p in own.items() if roles.get(name) == "embedding"]
+            fresh = torch.empty(p.shape, dtype=torch.float32)  # drawn in fp32: the same init for every dtype
+            INIT[roles[name]](fresh, gen)
+            p.copy_(fresh)
+    embeddings = [p for name, p in own.items() if roles[name] == "embedding"]
     scaled.munit_width = int(embeddings[0].shape[1]) if embeddings else None
     scaled.train(model.training)
-    probe = capture(model, example_inputs, example_kwargs)
-    rewrite(probe, config, input_multipliers=None)
+    rewrite(graph, config, input_multipliers=None)  # the captured graph reads the re-initialized tensors
     scaled.input_multipliers, scaled.output_grad_scales = unit_multipliers(
-        probe, graph_inputs(probe, example_inputs, example_kwargs))
+        graph, graph_inputs(graph, example_inputs, example_kwargs))
     scaled._capture(scaled._key(example_inputs, example_kwargs), example_inputs, example_kwargs)
     log.info("munit.unit_scale: %s", scaled.munit_rewrite)
     return scaled
