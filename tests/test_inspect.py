@@ -191,6 +191,19 @@ def test_lm_head_behind_logit_scaling_stays_high_precision():
     assert head["shape"][-1] == VOCAB and "LM head" in head["reason"]
 
 
+def test_width_equal_to_vocabulary_keeps_hidden_gemms_in_fp8():
+    """A byte-level model at d 256 = vocabulary: the residual stream keeps the vocabulary's last dim all
+    the way to the loss, but only the LM head reaches it without another GEMM, norm or residual add."""
+    from munit_compile.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=64))
+    ids = torch.randint(0, 64, (2, 16))
+    report = munit.inspect(model, ids, ids)
+    assert report.summary["gemms_total"] == 9 and report.summary["gemms_fp8"] == 8, report.summary
+    (head,) = [r for r in report.rows if r["status"] == "high_precision"]
+    assert "LM head" in head["reason"]
+
+
 class HandWrittenCausalAttention(nn.Module):
     """softmax(q kᵀ/√d + causal mask) v written out, the mask applied one of three common ways."""
 

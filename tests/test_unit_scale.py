@@ -176,3 +176,20 @@ def test_model_that_cannot_be_captured_gets_a_clear_error():
         munit.unit_scale(DataDependent(), (torch.randn(4, 16),))
     with pytest.raises(ValueError, match="UnitScaleConfig"):
         munit.unit_scale(builtin_gpt(), (torch.zeros(1, 4, dtype=torch.long),), config={"tau": 0.5})
+
+
+def test_width_equal_to_vocabulary_has_one_head():
+    """d_model = vocab (byte models at d 256): the blocks' output projections stay hidden GEMMs with
+    multiplier 1/√k and the hidden LR, and the logits get their gradient scale."""
+    from munit_compile.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=64))
+    ids = torch.randint(0, 64, (2, 16))
+    scaled = munit.unit_scale(model, (ids, ids))
+    scaled(ids, ids)
+    roles = scaled.munit_rewrite["gemms"]
+    assert sorted(roles.values()).count("head") == 1 and len(roles) == 9, roles
+    assert scaled.munit_rewrite["logits_grad_scale"] is not None
+    heads = [n for n, r in scaled.munit_roles.items() if r == "head"]
+    assert heads == ["model.lm_head.weight"], heads

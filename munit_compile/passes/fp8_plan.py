@@ -124,20 +124,36 @@ def _check_not_vocabulary(g: GemmOperands, ctx) -> str | None:
 
 
 _LOSS_OPS = (aten.cross_entropy_loss.default, aten.log_softmax.int, aten._log_softmax.default)
+# Ops that end an LM head's path to the loss: a model's hidden width can equal its vocabulary (byte
+# models at d 256), and the residual stream then also "keeps the last dim n" up to the loss.
+_NOT_HEAD_PATH = frozenset({
+    *GEMM_OPERANDS, aten.mm.default, aten.bmm.default, aten.scaled_dot_product_attention.default,
+    *(getattr(aten, norm).default for norm in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+                                               "group_norm", "native_group_norm") if hasattr(aten, norm)),
+})
+_MERGES = (aten.add.Tensor, aten.sub.Tensor)  # x + f(x): a residual merge, not logit post-processing
+
+
+def _continues_head_path(user: fx.Node, n: int) -> bool:
+    if user.target in _NOT_HEAD_PATH:
+        return False
+    if user.target in _MERGES and sum(isinstance(a, fx.Node) for a in user.args[:2]) == 2:
+        return False
+    val = user.meta.get("val")
+    keeps_vocab = isinstance(val, torch.Tensor) and val.dim() >= 1 and concrete_shape(val.shape)[-1] == n
+    return user.target in PASS_THROUGH or keeps_vocab
 
 
 def feeds_output_or_loss(node: fx.Node, n: int) -> bool:
-    """Whether `node` reaches a graph output or a loss through ops that keep its last dim `n`
-    (views, dtype casts, logit scaling, soft-capping)."""
+    """Whether `node` reaches a graph output or a loss through ops that keep its last dim `n` (views,
+    dtype casts, logit scaling, soft-capping), never through a GEMM, attention, norm or residual add."""
     frontier, seen = [node], set()
     while frontier:
         current = frontier.pop()
         for user in current.users:
             if user.op == "output" or user.target in _LOSS_OPS:
                 return True
-            val = user.meta.get("val")
-            keeps_vocab = isinstance(val, torch.Tensor) and val.dim() >= 1 and concrete_shape(val.shape)[-1] == n
-            if user not in seen and (user.target in PASS_THROUGH or keeps_vocab):
+            if user not in seen and _continues_head_path(user, n):
                 seen.add(user)
                 frontier.append(user)
     return False
