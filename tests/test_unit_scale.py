@@ -193,3 +193,37 @@ def test_width_equal_to_vocabulary_has_one_head():
     assert scaled.munit_rewrite["logits_grad_scale"] is not None
     heads = [n for n, r in scaled.munit_roles.items() if r == "head"]
     assert heads == ["model.lm_head.weight"], heads
+
+
+def test_unit_backward_changes_each_gradient_by_one_constant_only(scaled):
+    """The backward's scales must not reweight branch against skip: with every grad_scale set to 1 (the
+    true gradient), each parameter's gradient differs only by a positive constant (Adam-invariant)."""
+    name, model, args, kwargs = scaled
+    graph = next(iter(model._graphs.values()))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss_of(model(*args, **kwargs)).backward()
+        return {n: p.grad.double().flatten().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    scaled_grads = grads()
+    nodes = [n for n in graph.graph.nodes if n.target is torch.ops.munit.grad_scale.default]
+    constants = [n.args[1] for n in nodes]
+    assert nodes and any(abs(c - 1) > 0.1 for c in constants)
+    try:
+        for n in nodes:
+            n.args = (n.args[0], 1.0)
+        graph.recompile()
+        true_grads = grads()
+    finally:
+        for n, c in zip(nodes, constants):
+            n.args = (n.args[0], c)
+        graph.recompile()
+        model.zero_grad(set_to_none=True)
+    assert scaled_grads.keys() == true_grads.keys()
+    for pname, g in scaled_grads.items():
+        t = true_grads[pname]
+        if t.norm() == 0:
+            continue
+        cosine = float(g @ t / (g.norm() * t.norm()))
+        assert cosine > 1 - 1e-6, (name, pname, cosine)

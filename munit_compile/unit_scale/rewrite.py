@@ -2,8 +2,12 @@
 
     hidden GEMM  y = (x Wᵀ)/√k + b          LM head  y = (x Wᵀ)/k        embedding  unchanged (×1)
     residual     x ← √(1−τ)·x + √τ·LN(f(x))  (res_post: f's leading norm removed)  or  √(1−τ)·x + √τ·f(x)
-    unit backward (optional, forward unchanged): logits' gradient × 1/σ_CE; each GEMM's input gradient
-                 × √(k/n) (hidden) or k/√V (head), so gradients keep unit scale too.
+    unit backward (optional, forward unchanged): logits' gradient × 1/σ_CE (one global constant); each
+                 hidden GEMM's output gradient × c (the engine's 1/σ at init) and its input gradient × 1/c,
+                 so every parameter's gradient is its true gradient times one constant (invisible to
+                 Adam-like optimizers) while every FP8 gradient operand is unit-scaled. Scaling an input
+                 gradient by anything else would reweight branch against skip in the residual stream, or
+                 a tied embedding's two uses against each other: a biased gradient.
 A GEMM with a bias is rewritten as GEMM(x, W, b·m⁻¹)·m: one op for the FP8 plan, the same function.
 """
 from __future__ import annotations
@@ -29,11 +33,6 @@ def multiplier(g: Gemm) -> float:
     return 1 / math.sqrt(g.operands.k) if g.role == "hidden" else 1 / g.operands.k
 
 
-def input_grad_scale(g: Gemm) -> float:
-    """What makes the GEMM's input gradient unit-scaled: σ(dx) = m·√n·σ(dy) → × 1/(m·√n)."""
-    return 1 / (multiplier(g) * math.sqrt(g.operands.n))
-
-
 def count_layers(residuals: list[Residual]) -> int:
     """Transformer layers ≈ residual adds / 2 (attention + MLP branch each)."""
     return max(1, round(len(residuals) / 2))
@@ -57,7 +56,7 @@ def rewrite(gm: fx.GraphModule, config: UnitScaleConfig, input_multipliers: dict
         probe = input_multipliers is None and g.role == "hidden"
         c = 1.0 if probe else (input_multipliers or {}).get(g.operands.w.target)
         c_grad = (1.0 if probe else (output_grad_scales or {}).get(g.operands.w.target)) if config.unit_backward else None
-        _scale_gemm(gm.graph, g, config.unit_backward, c, c_grad, probe)
+        _scale_gemm(gm.graph, g, c, c_grad, probe)
     for r in residuals:
         _rewrite_residual(gm.graph, r, tau, config.norm_placement)
     if config.attention_scale == "1/d":
@@ -93,7 +92,7 @@ def _rewrite_residual(graph: fx.Graph, r: Residual, tau: float, placement: str) 
     r.add.replace_all_uses_with(mixed)
 
 
-def _scale_gemm(graph: fx.Graph, g: Gemm, unit_backward: bool, input_multiplier: float | None,
+def _scale_gemm(graph: fx.Graph, g: Gemm, input_multiplier: float | None,
                 output_grad_scale: float | None, probe: bool) -> None:
     node, m = g.node, multiplier(g)
     bias, x = g.operands.bias, g.operands.x
@@ -102,8 +101,8 @@ def _scale_gemm(graph: fx.Graph, g: Gemm, unit_backward: bool, input_multiplier:
             x = _call(graph, aten.mul.Tensor, (x, input_multiplier), like=x)
             if probe:
                 x.meta[META_UNIT_INPUT] = g.operands.w.target
-        if unit_backward:
-            x = _call(graph, grad_scale, (x, input_grad_scale(g) / (output_grad_scale or 1.0)), like=x)
+        if output_grad_scale is not None:  # undoes the output's scale: exact gradient
+            x = _call(graph, grad_scale, (x, 1.0 / output_grad_scale), like=x)
         if x is not g.operands.x:
             node.replace_input_with(g.operands.x, x)
         if isinstance(bias, fx.Node):
