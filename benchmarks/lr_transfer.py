@@ -1,8 +1,9 @@
 """lr-transfer: is μS's optimal learning rate the same across widths, while SP's moves?
 
-For each width (a ×8 range) and each LR of a power-of-two grid, trains the built-in GPT in BF16 with the
-standard parametrization (SP) and with μS (`munit.unit_scale`, hidden LR × √(base_width/width)), and
-reports the best LR per width per parametrization. Writes JSON and the classic transfer plot (final
+For each width (a ×8 range) trains the built-in GPT in BF16 with the standard parametrization (SP) and
+with μS (`munit.unit_scale`, hidden LR × √(base_width/width)) over learning rates that are powers of two,
+extending each sweep until its best LR is bracketed (`benchmarks/sweep.py`), and reports the best LR per
+width per parametrization (and the parabola-interpolated optimum). Writes JSON and the classic transfer plot (final
 validation loss vs LR, one line per width, one panel per parametrization).
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 from dataclasses import replace
 
 from benchmarks.common import environment, plot_path, write_json
-from benchmarks.quality import parse_lrs
-from benchmarks.training import Recipe, load_corpus, train
+from benchmarks.quality import parse_exponents
+from benchmarks.sweep import best, bracket, interpolated_optimum
+from benchmarks.training import Recipe, load_corpus
 
 SMOKE = dict(layers=2, heads=2, seq=32, batch=8, steps=20, eval_every=10)
 
@@ -29,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=64, help="μS: the width at which hidden LR = lr")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--sp-lrs", default="-13,-12,-11,-10,-9,-8,-7")
-    p.add_argument("--mus-lrs", default="-8,-7,-6,-5,-4,-3,-2")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes, one thread each)")
+    p.add_argument("--sp-lrs", default="-10,-9,-8", help="SP LR exponents of 2 to start from (extended until the best is bracketed)")
+    p.add_argument("--mus-lrs", default="-6,-5,-4", help="μS LR exponents of 2 to start from (extended until bracketed)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "lion"))
     p.add_argument("--mus-weight-decay", type=float, default=1e-4)
     return p
@@ -40,32 +45,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     corpus = load_corpus(args.corpus)
     widths = [int(w) for w in args.widths.split(",")]
-    lrs = {"sp": parse_lrs(args.sp_lrs), "mus": parse_lrs(args.mus_lrs)}
-    base = Recipe(precision="bf16", layers=args.layers, steps=args.steps, base_width=args.base_width,
-                  eval_every=args.steps, optimizer=args.optimizer)
+    start_exps = {"sp": parse_exponents(args.sp_lrs), "mus": parse_exponents(args.mus_lrs)}
+    base = Recipe(precision="bf16", layers=args.layers, steps=args.steps, seq=args.seq, batch=args.batch,
+                  base_width=args.base_width, eval_every=args.steps, optimizer=args.optimizer)
     if args.smoke:
         widths, base = [32, 64], replace(base, **SMOKE, base_width=32)
-        lrs = {k: v[len(v) // 2: len(v) // 2 + 2] for k, v in lrs.items()}
+        start_exps = {k: v[len(v) // 2: len(v) // 2 + 2] for k, v in start_exps.items()}
     print(f"lr-transfer: {corpus.description}", file=sys.stderr)
-    start, runs = time.perf_counter(), []
-    for parametrization, grid in lrs.items():
-        for width in widths:
-            for lr in grid:
-                recipe = replace(base, parametrization=parametrization, width=width, lr=lr,
-                                 heads=max(1, width // 64) if not args.smoke else 2,
-                                 weight_decay=args.mus_weight_decay if parametrization == "mus" else 0.1)
-                r = train(recipe, corpus, progress=False)
-                print(f"  {parametrization:3s} width {width:4d} lr 2^{_log2(lr):+.0f}: {r['final_val_loss']:.4f}",
-                      file=sys.stderr)
-                runs.append({"parametrization": parametrization, "width": width, "lr": lr,
-                             "final_val_loss": r["final_val_loss"], "seconds": r["seconds"]})
-    optimal = {p: {str(w): min((r for r in runs if r["parametrization"] == p and r["width"] == w),
-                               key=lambda r: r["final_val_loss"])["lr"] for w in widths} for p in lrs}
+    cells = {(p, w): replace(base, parametrization=p, width=w, heads=max(1, w // 64) if not args.smoke else 2,
+                             weight_decay=args.mus_weight_decay if p == "mus" else 0.1)
+             for p in start_exps for w in widths}
+    start = time.perf_counter()
+    swept = bracket(cells, {key: start_exps[key[0]] for key in cells}, corpus, args.jobs,
+                    max_extra=0 if args.smoke else 4, progress=False)
+    runs = [{"parametrization": p, "width": w, "lr": r["recipe"]["lr"], "final_val_loss": r["final_val_loss"],
+             "seconds": r["seconds"]} for (p, w), rs in swept.items() for r in rs]
+    optimal = {p: {str(w): best(swept[(p, w)])["recipe"]["lr"] for w in widths} for p in start_exps}
+    interpolated = {p: {str(w): interpolated_optimum(swept[(p, w)]) for w in widths} for p in start_exps}
     shift = {p: _log2(max(o.values())) - _log2(min(o.values())) for p, o in optimal.items()}
     result = {"benchmark": "lr-transfer", **environment(), "corpus": corpus.description, "smoke": args.smoke,
               "steps": base.steps, "tokens_per_run": base.steps * base.batch * base.seq, "widths": widths,
-              "optimal_lr": optimal, "optimal_lr_spread_log2": shift, "runs": runs,
-              "seconds": time.perf_counter() - start}
+              "base_width": base.base_width, "optimal_lr": optimal, "optimal_lr_spread_log2": shift,
+              "interpolated_optimal_log2_lr": interpolated, "runs": runs, "seconds": time.perf_counter() - start}
     for p, o in optimal.items():
         print(f"{p:3s} optimal LR per width: " + ", ".join(f"{w}: 2^{_log2(lr):+.0f}" for w, lr in o.items())
               + f"  (spread {shift[p]:.0f} grid steps)")

@@ -13,14 +13,18 @@ import time
 from dataclasses import replace
 
 from benchmarks.common import environment, plot_path, write_json
-from benchmarks.training import Recipe, load_corpus, train, train_all
+from benchmarks.sweep import best, bracket
+from benchmarks.training import Recipe, load_corpus, train
 
 SMOKE = dict(width=64, layers=2, heads=2, seq=32, batch=8, steps=30, eval_every=10, base_width=64)
 
 
-def parse_lrs(text: str) -> list[float]:
-    """'-12,-10,-8' -> [2**-12, 2**-10, 2**-8] (exponents of two)."""
-    return [2.0 ** float(e) for e in text.split(",") if e.strip()]
+def parse_exponents(text: str) -> list[int]:
+    """'-12,-10,-8' -> [-12, -10, -8]: learning rates as exponents of two."""
+    try:
+        return [int(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise ValueError(f"LR grid must be integer exponents of two separated by commas, e.g. '-10,-9,-8'; got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,15 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here (a PNG of the curves goes next to it)")
     p.add_argument("--png", help="where to write the loss-curve plot")
     p.add_argument("--smoke", action="store_true", help="a tiny model for 30 steps: checks the plumbing only")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes, one thread each)")
     p.add_argument("--skip-fp8", action="store_true", help="only the BF16 sweeps (recipe exploration)")
-    p.add_argument("--sp-lrs", default="-10,-9,-8", help="SP LR grid, exponents of 2")
-    p.add_argument("--mus-lrs", default="-6,-5,-4", help="μS LR grid, exponents of 2")
+    p.add_argument("--sp-lrs", default="-11,-10,-9", help="SP LR exponents of 2 to start from (extended until the best is bracketed)")
+    p.add_argument("--mus-lrs", default="-6,-5,-4", help="μS LR exponents of 2 to start from (extended until bracketed)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "lion"), help="μS optimizer")
     p.add_argument("--mus-weight-decay", type=float, default=1e-4, help="μS decoupled decay per step")
     p.add_argument("--tau", type=float, default=None, help="μS residual τ (default: from depth)")
@@ -52,19 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(args.corpus)
     base = Recipe(width=args.width, layers=args.layers, steps=args.steps, base_width=args.width, seq=args.seq,
                   batch=args.batch, heads=max(1, args.width // 64))
-    sp_lrs, mus_lrs = parse_lrs(args.sp_lrs), parse_lrs(args.mus_lrs)
+    sp_exps, mus_exps = parse_exponents(args.sp_lrs), parse_exponents(args.mus_lrs)
     if args.smoke:
         base = replace(base, **SMOKE)
-        sp_lrs, mus_lrs = sp_lrs[-1:], mus_lrs[-1:]
+        sp_exps, mus_exps = sp_exps[-1:], mus_exps[-1:]
     print(f"quality: {corpus.description}", file=sys.stderr)
     start = time.perf_counter()
     sp = replace(base, parametrization="sp", precision="bf16")
     mus = replace(base, parametrization="mus", precision="bf16", optimizer=args.optimizer,
                   weight_decay=args.mus_weight_decay, tau=args.tau, attention_scale=args.attention_scale,
                   norm_placement=args.norm_placement, qk_norm=args.qk_norm)
-    swept = train_all([replace(sp, lr=lr) for lr in sp_lrs] + [replace(mus, lr=lr) for lr in mus_lrs], corpus, args.jobs)
-    sp_runs, mus_runs = swept[:len(sp_lrs)], swept[len(sp_lrs):]
-    best = lambda runs: min(runs, key=lambda r: r["final_val_loss"])  # noqa: E731
+    swept = bracket({"sp": sp, "mus": mus}, {"sp": sp_exps, "mus": mus_exps}, corpus, args.jobs,
+                    max_extra=0 if args.smoke else 4)
+    sp_runs, mus_runs = swept["sp"], swept["mus"]
     sp_best, mus_best = best(sp_runs), best(mus_runs)
     runs = {"sp_bf16": sp_best, "mus_bf16": mus_best}
     if not args.skip_fp8:

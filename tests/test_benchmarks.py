@@ -1,6 +1,7 @@
 """Every benchmark's --smoke form runs and writes valid JSON (timings are reported, never asserted)."""
 import json
 
+import pytest
 from benchmarks import __main__ as harness
 from benchmarks import analysis_time
 
@@ -73,3 +74,32 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
     step = result["training_step"]
     assert step["munit"]["tokens_per_s"] > 0 and step["inductor"]["tokens_per_s"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# gpu-check on ")
+
+
+def test_bracket_extends_each_sweep_until_its_optimum_is_inside(monkeypatch):
+    """A fake trainer with loss = (log2 lr − c)² per cell: the sweep walks from its start to c and stops
+    one step past it; bounds cap it; the parabola through the best three recovers a between-grid c."""
+    import math
+    from dataclasses import replace
+
+    from benchmarks import sweep
+    from benchmarks.training import Recipe
+
+    centers = {"far": -11.0, "inside": -5.3, "capped": -30.0}
+    calls = []
+
+    def fake_train_all(recipes, corpus, jobs=1, progress=True):
+        calls.append(len(recipes))
+        return [{"recipe": {"lr": r.lr, "seed": r.seed}, "final_val_loss": (math.log2(r.lr) - centers[r.optimizer]) ** 2}
+                for r in recipes]
+
+    monkeypatch.setattr(sweep, "train_all", fake_train_all)
+    cells = {key: replace(Recipe(), optimizer=key) for key in centers}  # the cell's name rides in a field
+    runs = sweep.bracket(cells, {key: [-6, -5, -4] for key in cells}, corpus=None, bounds=(-14, 0), max_extra=8)
+    exps = {key: [sweep.exponent(r["recipe"]["lr"]) for r in rs] for key, rs in runs.items()}
+    assert exps["inside"] == [-6, -5, -4]
+    assert exps["far"] == list(range(-12, -3))  # walked down to -11, one past it, then stopped
+    assert exps["capped"] == list(range(-14, -3))  # stopped by max_extra=8 at the bound -14
+    assert calls[:2] == [9, 2] and sum(calls) == 9 + 6 + 8  # each round: one batch, every open cell
+    assert sweep.interpolated_optimum(runs["inside"]) == pytest.approx(-5.3)
+    assert sweep.interpolated_optimum(runs["capped"]) is None  # best at the edge: no vertex claimed
