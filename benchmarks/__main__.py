@@ -10,6 +10,10 @@ BENCHMARKS = {
     "lr-transfer": ("benchmarks.lr_transfer", "optimal LR vs width (x8 range), SP vs muS"),
     "gpu-check": ("benchmarks.gpu_check", "on a lent GPU: kernel tests, FP8 GEMM vs _scaled_mm vs bf16, a 1B Llama step (--dry-run on CPU)"),
     "seeds": ("benchmarks.seeds", "spread of final loss over seeds, FP8 vs BF16, at each parametrization's best LR"),
+    "compile-time": ("benchmarks.compile_time", "compile + first step, backend=munit vs inductor (ratio; per-pass cost)"),
+    "analysis-scaling": ("benchmarks.analysis_scaling", "analysis time vs graph size over depth 6..48 and width (linear fit)"),
+    "cpu-step": ("benchmarks.cpu_step", "steady-state CPU training step: munit (emulated FP8) vs eager vs Inductor, ratios"),
+    "report": ("benchmarks.report", "regenerate benchmarks/README.md's tables and plots from results/history.jsonl"),
 }
 
 

@@ -8,9 +8,7 @@ forward and backward analysis, fp8_plan) and of the Dynamo capture, median over 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -19,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import munit_compile as munit  # noqa: E402
+from benchmarks.common import environment, record  # noqa: E402
 from munit_compile.passes.values import Moments  # noqa: E402
 
 
@@ -73,15 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "analysis-time",
         "model": f"llama {args.layers} layers, d {args.width}, ffn {args.ffn}, seq {args.seq} (meta device)",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
+        **environment(), "smoke": args.smoke,
         "median_seconds": {k: statistics.median(r[k] for r in runs) for k in keys},
         "gemms_total": runs[0]["gemms_total"], "gemms_fp8": runs[0]["gemms_fp8"], "unknown_ops": runs[0]["unknown_ops"],
     }
     print(f"{result['model']}: {result['gemms_fp8']}/{result['gemms_total']} GEMMs in FP8, unknown ops: {result['unknown_ops']}")
     for k in keys:
         print(f"  {k:10s} {result['median_seconds'][k]:7.2f} s  (median of {len(runs)})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    record(result, args.json, headline(result))
     return 0
+
+
+def headline(result: dict) -> dict:
+    return {f"{k}_s": v for k, v in result["median_seconds"].items()}

@@ -41,6 +41,36 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+HISTORY = os.path.join(os.path.dirname(__file__), "results", "history.jsonl")
+
+
+def history_path() -> str:
+    """Where results are appended: $MUNIT_BENCH_HISTORY, else benchmarks/results/history.jsonl."""
+    return os.environ.get("MUNIT_BENCH_HISTORY") or HISTORY
+
+
+def record(result: dict, json_path: str | None, headline: dict) -> None:
+    """Write `result` to `json_path` (if given) and append one line to the history: the environment
+    fields, the benchmark's `headline` numbers and where the full JSON went. Smoke runs check plumbing,
+    not performance: they reach the history only when $MUNIT_BENCH_HISTORY names a file."""
+    write_json(result, json_path)
+    if result.get("smoke") and not os.environ.get("MUNIT_BENCH_HISTORY"):
+        return
+    line = {key: result.get(key) for key in ("benchmark", "commit", "date", "machine", "torch", "triton", "smoke")}
+    line.update(headline=headline, json=os.path.relpath(json_path, os.path.dirname(HISTORY)) if json_path else None)
+    os.makedirs(os.path.dirname(os.path.abspath(history_path())), exist_ok=True)
+    with open(history_path(), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_history(path: str | None = None) -> list[dict]:
+    path = path or history_path()
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def write_json(result: dict, path: str | None) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, record
 
 SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 14336), (16384, 14336, 4096)]
 DRY_SHAPES = [(64, 48, 80)]
@@ -142,6 +142,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(result: dict) -> dict:
+    """munit's GEMM ratios per shape and the training-step speedup."""
+    line = {f"{r['M']}x{r['N']}x{r['K']}_{k}": r[k] for r in result["gemms"]
+            for k in ("munit_vs_scaled_mm", "munit_vs_scaled_mm_plus_epilogue", "munit_vs_bf16") if k in r}
+    line["step_munit_vs_inductor"] = result["training_step"].get("munit_vs_inductor")
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the result here (and a .md table next to it)")
@@ -157,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     print(f"gpu-check on {environment()['machine']}{' (dry run)' if args.dry_run else ''}", file=sys.stderr)
-    result = {"benchmark": "gpu-check", **environment(), "dry_run": args.dry_run}
+    result = {"benchmark": "gpu-check", **environment(), "dry_run": args.dry_run, "smoke": args.dry_run}
     result["tests"] = {"summary": "skipped"} if args.skip_tests else run_tests(args.dry_run)
     print(f"  tests: {result['tests']['summary']}")
     result["gemms"] = gemm_benchmarks(DRY_SHAPES if args.dry_run else SHAPES, device)
     config, batch, seq = (LLAMA_DRY, 2, 32) if args.dry_run else (LLAMA_1B, args.batch, args.seq)
     result["training_step"] = training_step(config, batch, seq, device, steps=2 if args.dry_run else 10)
-    write_json(result, args.json)
+    record(result, args.json, headline(result))
     if args.json:
         with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
             f.write(markdown(result))

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, plot_path, write_json
+from benchmarks.common import environment, plot_path, record
 from benchmarks.quality import parse_exponents
 from benchmarks.sweep import best, bracket, interpolated_optimum
 from benchmarks.training import Recipe, load_corpus
@@ -70,11 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     for p, o in optimal.items():
         print(f"{p:3s} optimal LR per width: " + ", ".join(f"{w}: 2^{_log2(lr):+.0f}" for w, lr in o.items())
               + f"  (spread {shift[p]:.0f} grid steps)")
-    write_json(result, args.json)
+    record(result, args.json, headline(result))
     png = plot_path(args.json, "lr_transfer", args.png)
     if png:
         plot(result, png)
     return 0
+
+
+def headline(result: dict) -> dict:
+    """Optimal log2 LR per width per parametrization, and how far each moves over the widths."""
+    line = {f"{p}_optimal_log2_lr": {w: _log2(lr) for w, lr in o.items()} for p, o in result["optimal_lr"].items()}
+    line.update({f"{p}_spread_log2": s for p, s in result["optimal_lr_spread_log2"].items()})
+    return line
 
 
 def _log2(x: float) -> float:

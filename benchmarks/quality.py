@@ -12,10 +12,13 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, plot_path, write_json
+from benchmarks.common import environment, plot_path, record
 from benchmarks.sweep import best, bracket
 from benchmarks.training import Recipe, load_corpus, train
 
+# CI's quality gate on the smoke run (deterministic on one machine; tiny, so loose): mus_fp8 may not be
+# worse than the BF16 baseline by more than 3 %, nor than its own BF16 run by more than 1 %.
+SMOKE_TOLERANCE = {"mus_fp8_vs_sp_bf16": 0.03, "mus_fp8_vs_mus_bf16": 0.01}
 SMOKE = dict(width=64, layers=2, heads=2, seq=32, batch=8, steps=30, eval_every=10, base_width=64)
 
 
@@ -88,11 +91,28 @@ def main(argv: list[str] | None = None) -> int:
         result["mus_fp8_vs_sp_bf16"] = runs["mus_fp8"]["final_val_loss"] / sp_loss - 1
         result["mus_fp8_vs_mus_bf16"] = runs["mus_fp8"]["final_val_loss"] / runs["mus_bf16"]["final_val_loss"] - 1
         print(f"mus_fp8 vs sp_bf16 {result['mus_fp8_vs_sp_bf16']:+.2%}, vs mus_bf16 {result['mus_fp8_vs_mus_bf16']:+.2%}")
-    write_json(result, args.json)
+    record(result, args.json, headline(result))
     png = plot_path(args.json, "quality", args.png)
     if png:
         plot(result, png)
-    return 0
+    failures = regressions(result) if args.smoke else []
+    for failure in failures:
+        print(f"quality regression: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def regressions(result: dict, tolerance: dict[str, float] = SMOKE_TOLERANCE) -> list[str]:
+    """The FP8 gaps beyond `tolerance` (relative loss increase), each as a message; [] when within."""
+    return [f"{key} = {result[key]:+.2%} exceeds +{limit:.0%}" for key, limit in tolerance.items()
+            if key in result and not result[key] <= limit]
+
+
+def headline(result: dict) -> dict:
+    """The numbers the history tracks: each run's final loss and LR, and the FP8 gaps."""
+    line = {f"{name}_loss": r["final_val_loss"] for name, r in result["runs"].items()}
+    line.update({f"{name}_lr": r["lr"] for name, r in result["runs"].items()})
+    line.update({k: result[k] for k in ("mus_fp8_vs_sp_bf16", "mus_fp8_vs_mus_bf16") if k in result})
+    return line
 
 
 def _sweep(runs: list[dict]) -> list[dict]:

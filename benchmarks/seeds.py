@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, record
 from benchmarks.quality import SMOKE
 from benchmarks.training import Recipe, load_corpus, train
 
@@ -61,5 +61,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(range {result_runs[name]['range']:.4f}) over {len(seeds)} seeds")
     result = {"benchmark": "seeds", **environment(), "corpus": corpus.description, "smoke": args.smoke,
               "tokens": base.steps * base.batch * base.seq, "runs": result_runs, "seconds": time.perf_counter() - start}
-    write_json(result, args.json)
+    record(result, args.json, headline(result))
     return 0
+
+
+def headline(result: dict) -> dict:
+    """Mean and spread (max − min) of the final loss per run type."""
+    return {f"{name}_{k}": r[k] for name, r in result["runs"].items() for k in ("mean", "range")}

@@ -11,6 +11,7 @@ processes stay busy. A diverged run counts as loss +inf.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from typing import Hashable
 
@@ -49,6 +50,7 @@ def bracket(cells: dict[Hashable, Recipe], start: dict[Hashable, list[int]], cor
         runs = train_all([replace(cells[key], lr=2.0 ** e) for key, e in order], corpus, jobs, progress)
         for (key, e), run in zip(order, runs):
             results[key][e] = run
+            print(f"  {key}: lr 2^{e}: final val loss {run['final_val_loss']:.4f}", file=sys.stderr)
         pending = {}
         for key, tried in results.items():
             more = next_exponents({e: r["final_val_loss"] for e, r in tried.items()}, bounds)

@@ -103,3 +103,77 @@ def test_bracket_extends_each_sweep_until_its_optimum_is_inside(monkeypatch):
     assert calls[:2] == [9, 2] and sum(calls) == 9 + 6 + 8  # each round: one batch, every open cell
     assert sweep.interpolated_optimum(runs["inside"]) == pytest.approx(-5.3)
     assert sweep.interpolated_optimum(runs["capped"]) is None  # best at the edge: no vertex claimed
+
+
+def test_quality_gate_flags_an_fp8_regression(tmp_path):
+    from benchmarks import quality
+
+    assert quality.regressions({"mus_fp8_vs_sp_bf16": 0.029, "mus_fp8_vs_mus_bf16": -0.2}) == []
+    failing = quality.regressions({"mus_fp8_vs_sp_bf16": 0.031, "mus_fp8_vs_mus_bf16": float("nan")})
+    assert len(failing) == 2 and "mus_fp8_vs_sp_bf16" in failing[0]
+
+
+def test_compile_time_smoke_writes_json_history_and_plot(tmp_path, monkeypatch):
+    from benchmarks import compile_time
+    from benchmarks.common import read_history
+
+    history = tmp_path / "history.jsonl"
+    monkeypatch.setenv("MUNIT_BENCH_HISTORY", str(history))
+    out = tmp_path / "compile.json"
+    assert compile_time.main(["--smoke", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (model,) = result["models"].values()
+    assert model["munit_s"] > 0 and model["inductor_s"] > 0
+    assert model["ratio"] == pytest.approx(model["munit_s"] / model["inductor_s"])
+    assert set(model["munit_pass_s"]) == {"normalize", "variance", "fp8_plan"}
+    assert sum(model["munit_pass_s"].values()) < model["munit_s"]
+    (entry,) = read_history(str(history))
+    assert entry["benchmark"] == "compile-time" and entry["smoke"] is True
+    assert {"commit", "date", "machine", "torch", "triton"} <= set(entry) and entry["headline"]
+    assert _png_ok(tmp_path / "compile.png")
+
+
+def test_analysis_scaling_smoke_fits_a_line(tmp_path):
+    from benchmarks import analysis_scaling
+
+    out = tmp_path / "scaling.json"
+    assert analysis_scaling.main(["--smoke", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    nodes = [p["nodes"] for p in result["depth"]]
+    assert nodes == sorted(nodes) and nodes[0] < nodes[-1]  # deeper model, bigger graph
+    assert all(p["gemms_fp8"] == p["gemms_total"] - 1 for p in result["depth"] + result["width"])
+    assert result["depth_fit"]["seconds_per_node"] > 0
+    assert _png_ok(tmp_path / "scaling.png")
+
+
+def test_cpu_step_smoke_reports_ratios(tmp_path):
+    from benchmarks import cpu_step
+
+    out = tmp_path / "step.json"
+    assert cpu_step.main(["--smoke", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    median = result["median_step_s"]
+    assert set(median) == {"eager", "inductor", "munit"} and all(v > 0 for v in median.values())
+    assert result["ratios"]["munit_vs_eager"] == pytest.approx(median["munit"] / median["eager"])
+
+
+def test_report_rewrites_only_its_section(tmp_path):
+    from benchmarks import report
+
+    history = tmp_path / "history.jsonl"
+    entries = [{"benchmark": "cpu-step", "commit": c, "date": f"2026-11-2{i}T00:00:00+00:00", "machine": "cpu x",
+                "torch": "t", "triton": "t", "smoke": False, "headline": {"munit_vs_eager": r}, "json": None}
+               for i, (c, r) in enumerate([("aaa", 2.0), ("bbb", 1.5)])]
+    entries.append({**entries[0], "commit": "ccc", "smoke": True, "headline": {"munit_vs_eager": 9.0}})
+    history.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\nkept\n{report.BEGIN}\nold\n{report.END}\ntail kept\n")
+    assert report.main(["--history", str(history), "--readme", str(readme), "--check"]) == 1
+    assert report.main(["--history", str(history), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# intro\nkept\n") and text.endswith("tail kept\n") and "old" not in text
+    assert "| `cpu-step` | cpu x | bbb |" in text and "1.5" in text and "9.0" not in text  # latest, smoke ignored
+    assert report.main(["--history", str(history), "--readme", str(readme), "--check"]) == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="report markers"):
+        report.main(["--history", str(history), "--readme", str(readme)])
