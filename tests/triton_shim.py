@@ -4,12 +4,32 @@ The interpreter's own float conversions round ties away from zero, lose the carr
 not saturate and truncate BF16; its BF16 `tl.dot` multiplies raw bits. `install()` routes every float
 conversion through torch (round to nearest even) with saturation to the FP8 formats' finite range (what
 Hopper's `cvt.rn.satfinite` does), and computes `tl.dot` of 8/16-bit floats on their exact float32 values.
+
+libdevice (`triton.language.extra.libdevice`) does not run in the interpreter at all: its functions are
+stubs the compiler swaps for the CUDA ones. `install()` gives the interpreter the functions in `LIBDEVICE`,
+computed by torch in the tensor's own dtype: torch's CUDA kernels call the same CUDA math library
+(`expf`, `erff`, `tanhf`) the GPU kernel links, and on CPU torch is what the reference uses. The
+interpreter's own transcendental functions would not do: `tl.exp` is numpy's float32 `exp` (differs from
+torch's in ~40% of elements), `tl.math.erf` is Python's float64 `math.erf` rounded to float32 (~1%).
+These stay as they are; kernels that must match torch call libdevice.
+
+Compiling for a GPU target (PTX checks) in a process that interprets: `@triton.jit` then makes
+InterpretedFunctions, triton.language's own helpers (`tl.cdiv`, ...) included, and the compiler calls
+those as Python functions on IR values, which fails. `compilable(fn)` and the `compiling()` context give
+the compiler JITFunctions instead. (A warm Triton cache from a non-interpreted run hides this failure.)
+Worse, the interpreter leaves `triton.language.core`'s builtins patched to its own semantics after any
+kernel that calls a @jit helper (a device-function call patches the language and never restores it), so
+compiling after interpreting fails even then; `install()` makes device-function calls restore the patch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.runtime import interpreter
 
 _TORCH = {  # triton dtype -> (torch dtype, numpy storage dtype the interpreter uses)
@@ -21,6 +41,7 @@ _TORCH = {  # triton dtype -> (torch dtype, numpy storage dtype the interpreter 
     tl.float64: (torch.float64, np.float64),
 }
 _SATURATE = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+LIBDEVICE = {"exp": torch.exp, "erf": torch.erf, "tanh": torch.tanh}  # libdevice name -> torch op (mutable for tests)
 
 
 def _to_torch(data: np.ndarray, dtype) -> torch.Tensor:
@@ -45,6 +66,16 @@ def convert(data: np.ndarray, src, dst) -> np.ndarray:
     if target in _SATURATE:
         value = value.to(torch.float32).clamp(-_SATURATE[target], _SATURATE[target])
     return _to_numpy(value.to(target), dst)
+
+
+def _libdevice(name: str):
+    """The interpreter's `libdevice.<name>`: LIBDEVICE[name] (looked up per call) on the tensor's values."""
+
+    def apply(x, _semantic=None):
+        value = LIBDEVICE[name](_to_torch(x.handle.data, x.dtype))
+        return tl.core.tensor(interpreter.TensorHandle(_to_numpy(value, x.dtype), x.dtype), x.type)
+
+    return apply
 
 
 def install() -> None:
@@ -73,5 +104,44 @@ def install() -> None:
     builder.cast_impl = cast_impl
     builder.create_fp_ext = cast_impl
     builder.create_fp_trunc = cast_impl
+    original_patch_lang = interpreter._patch_lang
+
+    def patch_lang(fn):  # while a kernel runs, the libdevice stubs compute (the scope restores them after)
+        scope = original_patch_lang(fn)
+        for name in LIBDEVICE:
+            scope.set_attr(libdevice, name, _libdevice(name))
+        return scope
+
+    def call_device_function(self, *args, **kwargs):  # as InterpretedFunction.__call__, restoring the patch
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+        finally:
+            scope.restore()
+
     builder.create_dot = create_dot
+    interpreter._patch_lang = patch_lang
+    interpreter.InterpretedFunction.__call__ = call_device_function
     builder._munit_shim = True
+
+
+def compilable(fn) -> triton.runtime.jit.JITFunction:
+    """fn as a JITFunction the compiler can take (it is an InterpretedFunction under TRITON_INTERPRET=1)."""
+    return fn if isinstance(fn, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(fn.fn)
+
+
+@contextlib.contextmanager
+def compiling():
+    """While `triton.compile` runs: triton.language's @jit helpers as JITFunctions (restored after)."""
+    modules = (tl, tl.core, tl.math, tl.standard)
+    swapped = [(m, name, value) for m in modules for name, value in vars(m).items()
+               if isinstance(value, interpreter.InterpretedFunction)]
+    try:
+        for m, name, value in swapped:
+            setattr(m, name, compilable(value))
+        yield
+    finally:
+        for m, name, value in swapped:
+            setattr(m, name, value)
