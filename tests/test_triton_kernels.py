@@ -2,8 +2,11 @@
 makes the interpreter's conversions exact), and the sm_90a PTX they compile to (no GPU needed)."""
 from __future__ import annotations
 
+import math
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
 
 import triton_shim  # noqa: E402
 from munit_compile.codegen import reference  # noqa: E402
@@ -68,10 +72,9 @@ def test_shim_conversions_match_torch_including_ties_and_saturation(fmt, dtype):
 
 
 def _ptx(kernel, signature: dict, constexprs: dict) -> str:
-    fn = kernel.fn if not isinstance(kernel, triton.runtime.jit.JITFunction) else kernel
-    jit = triton.runtime.jit.JITFunction(fn) if not isinstance(fn, triton.runtime.jit.JITFunction) else fn
-    compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
+    with triton_shim.compiling():
+        compiled = triton.compile(ASTSource(fn=triton_shim.compilable(kernel), signature=signature,
+                                            constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     return compiled.asm["ptx"]
 
 
@@ -131,25 +134,63 @@ def test_fp8_gemm_matches_the_high_precision_product_to_fp8_rounding():
     assert ((out.double() - exact).norm() / exact.norm()).item() < 0.08
 
 
-def test_fp8_gemm_default_config_ptx_uses_wgmma_with_e4m3_and_does_not_spill():
+def _gemm_ptx(out: str = "*bf16", activation: str = "none", gate: bool = False, residual: bool = False,
+              transposed_copy: bool = False, options: dict | None = None) -> str:
+    """PTX of `fp8_gemm_kernel` in its default config for sm_90a, E4M3 operands, unit inner strides and
+    16-aligned pointers/dims/leading strides (what a launch with aligned shapes gives)."""
     import triton.language as tl
 
-    sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*fp32", "M": "i32", "N": "i32",
-           "K": "i32", "stride_am": "i32", "stride_ak": "constexpr", "stride_bn": "i32", "stride_bk": "constexpr",
-           "stride_cm": "i32", "stride_cn": "constexpr", "inv_scale": "fp32", "alpha": "fp32",
-           **{k: "constexpr" for k in ("HAS_BIAS", "OUT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+    pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "ct_ptr": out, "bias_ptr": "*fp32",
+                "gate_ptr": "*bf16", "res_ptr": "*fp32"}
+    aligned = ["M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_ctn", "stride_gm", "stride_rm"]
+    unit = ["stride_ak", "stride_bk", "stride_cn", "stride_ctm", "stride_gn", "stride_rn"]
+    scalars = {"inv_scale": "fp32", "alpha": "fp32", "c_skip": "fp32", "c_branch": "fp32", "out_scale": "fp32"}
     cfg = fp8_gemm.DEFAULT_CONFIG
-    constexprs = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "HAS_BIAS": True, "OUT": tl.bfloat16,
-                  **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
-    divisible = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 11)}  # what a launch with aligned shapes gives
-    kernel = fp8_gemm.fp8_gemm_kernel
-    fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(kernel.fn)
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=divisible),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-    ptx = compiled.asm["ptx"]
+    kernel = triton_shim.compilable(fp8_gemm.fp8_gemm_kernel)
+    meta = {"HAS_BIAS": True, "ACTIVATION": triton_shim.compilable(fp8_gemm.ACTIVATIONS[activation]), "HAS_GATE": gate,
+            "HAS_RESIDUAL": residual, "OUT_MAX": {"*fp8e4nv": 448.0, "*fp8e5": 57344.0}.get(out),
+            "TRANSPOSED_COPY": transposed_copy, **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+    sig = {**pointers, **{n: "i32" for n in aligned}, **{n: "constexpr" for n in unit}, **scalars,
+           **{n: "constexpr" for n in meta}}
+    order = list(kernel.arg_names)
+    assert sorted(order) == sorted(sig), "the test's signature must name every kernel argument"
+    sig = {n: sig[n] for n in order}
+    divisible = {(order.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *aligned]}
+    with triton_shim.compiling():
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, attrs=divisible,
+                                            constexprs={**{n: 1 for n in unit}, **meta}),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                           **fp8_gemm.COMPILE_OPTIONS, **(options or {})})
+    return compiled.asm["ptx"]
+
+
+PTX_EPILOGUES = [  # (output pointer, its cvt or None, activation, gate, residual, transposed copy)
+    ("*bf16", None, "none", False, False, False),
+    ("*fp8e4nv", "cvt.rn.satfinite.e4m3x2.f32", "gelu", False, False, False),
+    ("*fp8e4nv", "cvt.rn.satfinite.e4m3x2.f32", "gelu", False, False, True),
+    ("*fp8e5", "cvt.rn.satfinite.e5m2x2.f32", "silu", True, True, True),
+    ("*bf16", None, "gelu_tanh", True, True, False),
+]
+
+
+@pytest.mark.parametrize("out, cvt, activation, gate, residual, transposed_copy", PTX_EPILOGUES)
+def test_fp8_gemm_default_config_ptx_uses_wgmma_with_e4m3_and_does_not_spill(out, cvt, activation, gate, residual,
+                                                                            transposed_copy):
+    ptx = _gemm_ptx(out, activation, gate, residual, transposed_copy)
+    assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and ".e4m3.e4m3" in ptx
+    assert cvt is None or cvt in ptx
     assert "ld.local" not in ptx and "st.local" not in ptx
+    # No contraction of the epilogue's a·b + c into one rounding (libdevice's own FMAs are the .ftz ones).
+    assert "fma.rn.f32" not in ptx
+
+
+def test_fp8_gemm_ptx_check_for_contraction_can_fail():
+    # Negative control for the assertion above: with Triton's default FMA contraction the residual's
+    # c_skip·r + c_branch·y becomes fma.rn.f32, one rounding fewer than the reference.
+    ptx = _gemm_ptx("*bf16", "none", residual=True, options={"enable_fp_fusion": True})
+    assert "fma.rn.f32" in ptx
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.125])
@@ -171,3 +212,176 @@ def test_fp8_linear_through_the_triton_kernels_equals_the_reference_forward_and_
     for got, expected in zip(results["triton"], results["reference"]):
         assert torch.equal(got, expected)
     assert results["triton"][0].abs().sum() > 0 and results["triton"][2].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- fused epilogue: act, gate, residual, FP8 out
+
+from munit_compile.codegen import epilogue  # noqa: E402
+
+OUT_SCALES = {torch.float8_e4m3fn: 2.0**8, torch.float8_e5m2: 2.0**15}  # |y| > 1.75 saturates
+OUTPUTS = [  # (out_dtype, transposed_copy)
+    (torch.bfloat16, False), (torch.float32, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True),
+    (torch.float8_e5m2, True)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so equality also tells −0 from +0 (torch.equal would not)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def epilogue_case(mnk, gen, gate_dtype=None, residual_dtype=None, bias=True):
+    """Dyadic FP8 operands (the accumulator is exact in any summation order) and random epilogue inputs."""
+    M, N, K = mnk
+    a, b_t = dyadic_fp8((M, K), "e4m3", gen), dyadic_fp8((N, K), "e4m3", gen)
+    side = lambda dtype: None if dtype is None else torch.randn(M, N, generator=gen).to(dtype).to(DEVICE)  # noqa: E731
+    return dict(a_q=a.to(DEVICE), b_t_q=b_t.to(DEVICE), inv_scale=2.0**-3,
+                bias=torch.randn(N, generator=gen).to(DEVICE) if bias else None,
+                gate=side(gate_dtype), residual=side(residual_dtype))
+
+
+def run_both(case: dict, alpha: float, out_dtype, *, config=SMALL_TILES, **options):
+    """(kernel result, reference result), each a tuple (out,) or (out, outᵀ)."""
+    args = (case["a_q"], case["b_t_q"], case["inv_scale"], case["bias"], alpha, out_dtype)
+    side = dict(gate=case["gate"], residual=case["residual"])
+    if case["residual"] is not None:
+        side.update(c_skip=math.sqrt(0.7), c_branch=math.sqrt(0.3))  # fixed τ = 0.3
+    if out_dtype in OUT_SCALES:
+        side.update(out_scale=OUT_SCALES[out_dtype])
+    side.update(options)
+    got = fp8_gemm.scaled_mm(*args, config, **side)
+    expected = reference.scaled_mm(*args, **side)
+    as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+    return as_tuple(got), as_tuple(expected)
+
+
+def assert_same_bits(got: tuple, expected: tuple):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape and g.is_contiguous()
+        same = bits(g) == bits(e)
+        assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} differ, e.g. {g[~same][:4]} vs {e[~same][:4]}"
+
+
+@pytest.mark.parametrize("out_dtype, transposed_copy", OUTPUTS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("residual", [None, torch.float32], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("gate", [None, torch.bfloat16], ids=["no_gate", "gate"])
+@pytest.mark.parametrize("activation", sorted(epilogue.ACTIVATIONS))
+def test_fp8_gemm_fused_epilogue_is_bit_exact(activation, gate, residual, out_dtype, transposed_copy):
+    # 37×45×40 on 32³ tiles: ragged in M, N and K. Every combination of the epilogue's options.
+    gen = torch.Generator().manual_seed(11)
+    case = epilogue_case((37, 45, 40), gen, gate, residual)
+    got, expected = run_both(case, 2 / 3, out_dtype, activation=activation, transposed_copy=transposed_copy)
+    assert_same_bits(got, expected)
+    if out_dtype in OUT_SCALES:  # some values saturate, most do not
+        saturated = float((got[0].float().abs() == epilogue.FP8_MAX[out_dtype]).float().mean())
+        assert 0 < saturated < 0.5
+    if transposed_copy:
+        assert got[1].shape == (45, 37) and torch.equal(bits(got[1]), bits(got[0]).t())
+
+
+@pytest.mark.parametrize("mnk", [(1, 45, 40), (70, 1, 24), (33, 47, 80), (64, 64, 64), (100, 37, 16)])
+@pytest.mark.parametrize("activation, alpha", [("silu", 48.0), ("gelu", 48.0), ("gelu_tanh", 48.0), ("relu", 0.125)])
+def test_fp8_gemm_fused_epilogue_is_bit_exact_on_ragged_shapes_and_saturating_activations(mnk, activation, alpha):
+    # Everything on, on edge shapes (one row, one column, exact multiples); α = 48 drives the activations
+    # into their tails (exp(−x) overflows to inf for silu, erf/tanh round to ±1), out_scale 1/16 keeps the
+    # large FP8 outputs unsaturated.
+    gen = torch.Generator().manual_seed(sum(mnk))
+    case = epilogue_case(mnk, gen, torch.bfloat16, torch.float32)
+    got, expected = run_both(case, alpha, torch.float8_e4m3fn, activation=activation, transposed_copy=True,
+                             out_scale=2.0**-4)
+    assert_same_bits(got, expected)
+
+
+@pytest.mark.parametrize("gate, residual", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_fp8_gemm_fused_epilogue_reads_gate_and_residual_in_any_float_dtype(gate, residual, out_dtype):
+    gen = torch.Generator().manual_seed(3)
+    case = epilogue_case((37, 45, 40), gen, gate, residual, bias=False)
+    got, expected = run_both(case, 1.0, out_dtype, activation="gelu_tanh")
+    assert_same_bits(got, expected)
+
+
+def test_fp8_gemm_fused_epilogue_reads_strided_gate_and_residual():
+    gen = torch.Generator().manual_seed(4)
+    case = epilogue_case((37, 45, 40), gen)
+    case["gate"] = torch.randn(45, 37, generator=gen).to(DEVICE).t()  # strides (1, 37)
+    case["residual"] = torch.randn(37, 90, generator=gen).bfloat16().to(DEVICE)[:, ::2]  # strides (90, 2)
+    got, expected = run_both(case, 0.5, torch.float8_e5m2, activation="silu", transposed_copy=True)
+    assert_same_bits(got, expected)
+
+
+def test_reference_epilogue_without_options_is_the_old_scaled_mm():
+    # Backward compatibility: the default keywords reproduce ((acc·inv_scale + bias)·α).to(out_dtype).
+    gen = torch.Generator().manual_seed(6)
+    case = epilogue_case((20, 30, 48), gen)
+    acc = case["a_q"].float() @ case["b_t_q"].float().t()
+    for out_dtype in (torch.bfloat16, torch.float64):  # the reference takes any float output, as before
+        old = ((acc * 0.125 + case["bias"]) * 0.75).to(out_dtype)
+        assert torch.equal(reference.scaled_mm(case["a_q"], case["b_t_q"], 0.125, case["bias"], 0.75, out_dtype), old)
+
+
+# Negative controls: each shows that the bit-exact comparison above can fail.
+
+INTERPRETER_NUMERICS = {  # libdevice name -> the interpreter's own function (what tl.exp / tl.math.erf compute)
+    "exp": lambda x: torch.from_numpy(np.exp(x.numpy())),
+    "erf": lambda x: torch.from_numpy(interpreter.np_erf_fp32(x.numpy())),
+    "tanh": lambda x: torch.from_numpy(np.tanh(x.numpy())),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="about the CPU interpreter")
+@pytest.mark.parametrize("activation, function", [("silu", "exp"), ("gelu", "erf"), ("gelu_tanh", "tanh")])
+def test_activation_mismatches_with_the_interpreters_own_transcendentals(monkeypatch, activation, function):
+    # Without the shim's torch routing (numpy's float32 exp/tanh, math.erf rounded from float64), the
+    # kernel's fp32 output differs from the reference: the exactness tests see 1-ulp differences.
+    monkeypatch.setitem(triton_shim.LIBDEVICE, function, INTERPRETER_NUMERICS[function])
+    gen = torch.Generator().manual_seed(8)
+    case = epilogue_case((64, 64, 64), gen)
+    (got,), (expected,) = run_both(case, 1.0, torch.float32, activation=activation)
+    differ = int((bits(got) != bits(expected)).sum())
+    assert differ > 0
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)  # ... and only in the last bits
+
+
+def test_epilogue_op_order_and_coefficients_are_observable():
+    # x·sigmoid(x) = x·(1/(1+e^−x)) is the same real number as the kernel's x/(1+e^−x), not the same float;
+    # and a coefficient off by one fp32 ulp changes the output. The exactness tests pin both.
+    gen = torch.Generator().manual_seed(9)
+    case = epilogue_case((64, 64, 64), gen, None, torch.float32)
+    (got,), _ = run_both(case, 1.0, torch.float32, activation="silu")
+    y = (case["a_q"].float() @ case["b_t_q"].float().t()) * case["inv_scale"] + case["bias"]
+    other_order = math.sqrt(0.7) * case["residual"] + math.sqrt(0.3) * (y * (1.0 / (1.0 + torch.exp(-y))))
+    assert not torch.equal(got, other_order)
+    c_branch = torch.tensor(math.sqrt(0.3), dtype=torch.float32)
+    off_by_one_ulp = float(torch.nextafter(c_branch, torch.tensor(1.0)))
+    (nudged,), _ = run_both(case, 1.0, torch.float32, activation="silu", c_branch=off_by_one_ulp)
+    assert not torch.equal(got, nudged)
+
+
+# Argument checks: a ValueError that names the argument and the accepted values.
+
+def _bad_calls():
+    a, b = torch.zeros(8, 16, dtype=torch.float8_e4m3fn), torch.zeros(4, 16, dtype=torch.float8_e4m3fn)
+    return {
+        "unknown activation 'swish'; use one of ['gelu', 'gelu_tanh', 'none', 'relu', 'silu']":
+            dict(a_q=a, b_t_q=b, activation="swish"),
+        "gate must have shape (8, 4), got (4, 8)": dict(a_q=a, b_t_q=b, gate=torch.zeros(4, 8)),
+        "residual dtype must be one of": dict(a_q=a, b_t_q=b, residual=torch.zeros(8, 4, dtype=torch.int32)),
+        "bias must have shape (4,), got (8,)": dict(a_q=a, b_t_q=b, bias=torch.zeros(8)),
+        "need a residual tensor": dict(a_q=a, b_t_q=b, c_skip=0.5),
+        "out_dtype must be one of": dict(a_q=a, b_t_q=b, out_dtype=torch.int8),
+        "applies to FP8 outputs only": dict(a_q=a, b_t_q=b, out_scale=4.0),
+        "out_scale must be a finite positive number": dict(a_q=a, b_t_q=b, out_dtype=torch.float8_e4m3fn,
+                                                           out_scale=0.0),
+        "transposed_copy writes the FP8 copy": dict(a_q=a, b_t_q=b, transposed_copy=True),
+        "needs FP8 operands": dict(a_q=a.float(), b_t_q=b),
+        "needs a[M,K] and b_t[N,K]": dict(a_q=a, b_t_q=b[:, :8]),
+    }
+
+
+@pytest.mark.parametrize("message", list(_bad_calls()))
+def test_scaled_mm_rejects_bad_arguments_with_a_clear_message(message):
+    kwargs = _bad_calls()[message]
+    a_q, b_t_q = kwargs.pop("a_q"), kwargs.pop("b_t_q")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fp8_gemm.scaled_mm(a_q.to(DEVICE), b_t_q.to(DEVICE), 1.0, kwargs.pop("bias", None), **kwargs)

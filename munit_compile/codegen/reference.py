@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from munit_compile.codegen import epilogue
 from munit_compile.ops.formats import cast_fp8
 
 
@@ -28,16 +29,23 @@ def fp8_gemm(
 
 
 def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: torch.Tensor | None = None,
-              alpha: float = 1.0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The FP8 GEMM with its epilogue, on FP8 operands a_q[M,K], b_t_q[N,K] ("TN"):
-    out = ((a_q @ b_t_qᵀ)·inv_scale + bias)·α in fp32, rounded once to out_dtype (the Triton kernel's order)."""
+              alpha: float = 1.0, out_dtype: torch.dtype = torch.float32, *, activation: str = "none",
+              gate: torch.Tensor | None = None, residual: torch.Tensor | None = None, c_skip: float = 1.0,
+              c_branch: float = 1.0, out_scale: float = 1.0,
+              transposed_copy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 GEMM with its epilogue, on FP8 operands a_q[M,K], b_t_q[N,K] ("TN"), in the Triton kernel's order:
+
+        y = act((acc·inv_scale + bias)·α)·gate,  y = c_skip·residual + c_branch·y,  acc = a_q @ b_t_qᵀ
+    all in fp32, rounded once to out_dtype (FP8: sat(y·out_scale)); see `codegen.epilogue`. With
+    transposed_copy (FP8 outputs) it returns (out [M,N], outᵀ [N,M] contiguous)."""
+    epilogue.check(a_q.shape[0], b_t_q.shape[0], activation=activation, gate=gate, residual=residual, c_skip=c_skip,
+                   c_branch=c_branch, out_dtype=out_dtype, out_scale=out_scale, transposed_copy=transposed_copy,
+                   where="reference.scaled_mm")
     acc = a_q.to(torch.float32) @ b_t_q.to(torch.float32).t()
-    acc = acc * inv_scale
-    if bias is not None:
-        acc = acc + bias.to(torch.float32)
-    if alpha != 1.0:
-        acc = acc * alpha
-    return acc.to(out_dtype)
+    y = epilogue.apply(acc, inv_scale, bias, alpha, activation=activation, gate=gate, residual=residual,
+                       c_skip=c_skip, c_branch=c_branch)
+    out = epilogue.round_out(y, out_dtype, out_scale)
+    return (out, out.t().contiguous()) if transposed_copy else out
 
 
 def fp8_linear(
