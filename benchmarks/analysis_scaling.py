@@ -48,22 +48,25 @@ def capture(layers: int, width: int, seq: int = 512):
 
 def time_analysis(layers: int, width: int, repeats: int) -> dict:
     gm, inputs = capture(layers, width)
-    seconds, nodes = [], 0
+    seconds, passes, nodes = [], [], 0
     for _ in range(repeats):
         start = time.perf_counter()
         planned, report = run_pipeline(gm, inputs, Config(), parameter_moments=transformers_init)
         seconds.append(time.perf_counter() - start)
+        passes.append(report.pass_seconds)
         nodes = len(planned.graph.nodes)
     point = {"layers": layers, "width": width, "nodes": nodes, "seconds": statistics.median(seconds),
+             "pass_seconds": {k: statistics.median(p[k] for p in passes) for k in passes[0]},
              "gemms_fp8": report.gemms_fp8, "gemms_total": len(report.gemms)}
-    print(f"  {layers:3d} layers d {width:5d}: {nodes:6d} nodes  {point['seconds']:.3f} s "
-          f"({point['gemms_fp8']}/{point['gemms_total']} GEMMs FP8)", file=sys.stderr)
+    print(f"  {layers:3d} layers d {width:5d}: {nodes:6d} nodes  {point['seconds']:.3f} s ("
+          + ", ".join(f"{k} {v:.3f}" for k, v in point["pass_seconds"].items())
+          + f"; {point['gemms_fp8']}/{point['gemms_total']} GEMMs FP8)", file=sys.stderr)
     return point
 
 
-def linear_fit(points: list[dict]) -> dict:
+def linear_fit(points: list[dict], seconds=lambda p: p["seconds"]) -> dict:
     x = np.array([p["nodes"] for p in points], dtype=float)
-    y = np.array([p["seconds"] for p in points], dtype=float)
+    y = np.array([seconds(p) for p in points], dtype=float)
     a, b = np.polyfit(x, y, 1)
     residual = y - (a * x + b)
     r2 = 1 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum()) if len(x) > 2 else 1.0
@@ -72,7 +75,8 @@ def linear_fit(points: list[dict]) -> dict:
 
 def headline(result: dict) -> dict:
     return {"ms_per_1k_nodes": result["depth_fit"]["seconds_per_node"] * 1e6, "depth_fit_r2": result["depth_fit"]["r2"],
-            "deepest_s": result["depth"][-1]["seconds"]}
+            "deepest_s": result["depth"][-1]["seconds"],
+            "variance_ms_per_1k_nodes": result["pass_fits"]["variance"]["seconds_per_node"] * 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     width = [time_analysis(width_depth, d, repeats) for d in widths]
     result = {"benchmark": "analysis-scaling", **environment(), "smoke": args.smoke, "repeats": repeats,
               "depth": depth, "width": width, "depth_fit": linear_fit(depth),
+              "pass_fits": {name: linear_fit(depth, lambda p, name=name: p["pass_seconds"][name])
+                            for name in depth[0]["pass_seconds"]},
               "width_spread": max(p["seconds"] for p in width) / min(p["seconds"] for p in width),
               "seconds": time.perf_counter() - start}
     fit = result["depth_fit"]

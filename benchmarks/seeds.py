@@ -11,11 +11,11 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from benchmarks.common import environment, record
 from benchmarks.quality import SMOKE
-from benchmarks.training import Recipe, load_corpus, train
+from benchmarks.training import Recipe, load_corpus, train_all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,16 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sp-lr", type=float, default=2**-10)
     p.add_argument("--mus-lr", type=float, default=2**-5)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--base-width", type=int, default=None, help="μS: the width at which hidden LR = lr (default: --width)")
+    p.add_argument("--mus-weight-decay", type=float, default=1e-4, help="μS decoupled decay per step")
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes, one thread each)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     corpus = load_corpus(args.corpus)
-    base = Recipe(width=args.width, layers=args.layers, steps=args.steps, base_width=args.width)
+    base = Recipe(width=args.width, layers=args.layers, steps=args.steps, seq=args.seq, batch=args.batch,
+                  heads=max(1, args.width // 64), base_width=args.base_width or args.width, eval_every=args.steps // 4)
     lrs = {"sp": args.sp_lr, "mus": args.mus_lr}
     if args.source:
         with open(args.source) as f:
@@ -44,23 +50,28 @@ def main(argv: list[str] | None = None) -> int:
         lrs = {"sp": quality["runs"]["sp_bf16"]["lr"], "mus": quality["runs"]["mus_bf16"]["lr"]}
         recipe = {k: v for k, v in quality["recipe"].items() if k in Recipe.__dataclass_fields__ and k != "seed"}
         base = replace(base, **recipe)
+        args.mus_weight_decay = recipe.get("weight_decay", args.mus_weight_decay)
     seeds = list(range(args.seeds))
     if args.smoke:
         base, seeds = replace(base, **SMOKE), [0, 1]
     print(f"seeds: {corpus.description}", file=sys.stderr)
     start, result_runs = time.perf_counter(), {}
-    for name, parametrization, precision in (("sp_bf16", "sp", "bf16"), ("mus_bf16", "mus", "bf16"),
-                                             ("mus_fp8", "mus", "fp8")):
-        recipe = replace(base, parametrization=parametrization, precision=precision, lr=lrs[parametrization],
-                         weight_decay=base.weight_decay if parametrization == "mus" else 0.1)
-        losses = [train(replace(recipe, seed=s), corpus)["final_val_loss"] for s in seeds]
+    kinds = (("sp_bf16", "sp", "bf16"), ("mus_bf16", "mus", "bf16"), ("mus_fp8", "mus", "fp8"))
+    recipes = {name: replace(base, parametrization=parametrization, precision=precision, lr=lrs[parametrization],
+                             weight_decay=args.mus_weight_decay if parametrization == "mus" else 0.1)
+               for name, parametrization, precision in kinds}
+    order = [(name, s) for name, _, _ in reversed(kinds) for s in seeds]  # the slow FP8 runs first: better packing
+    trained = train_all([replace(recipes[name], seed=s) for name, s in order], corpus, args.jobs)
+    for name, recipe in recipes.items():
+        losses = [r["final_val_loss"] for (n, _), r in zip(order, trained) if n == name]
         result_runs[name] = {"lr": recipe.lr, "seeds": seeds, "final_val_loss": losses,
                              "mean": statistics.fmean(losses), "std": statistics.pstdev(losses),
                              "range": max(losses) - min(losses)}
         print(f"{name:9s} lr {recipe.lr:.3g}: mean {result_runs[name]['mean']:.4f} ± {result_runs[name]['std']:.4f} "
               f"(range {result_runs[name]['range']:.4f}) over {len(seeds)} seeds")
     result = {"benchmark": "seeds", **environment(), "corpus": corpus.description, "smoke": args.smoke,
-              "tokens": base.steps * base.batch * base.seq, "runs": result_runs, "seconds": time.perf_counter() - start}
+              "tokens": base.steps * base.batch * base.seq, "runs": result_runs,
+              "recipe": {k: v for k, v in asdict(base).items() if k not in ("lr", "seed", "parametrization", "precision")}, "seconds": time.perf_counter() - start}
     record(result, args.json, headline(result))
     return 0
 
