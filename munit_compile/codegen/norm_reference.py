@@ -18,10 +18,11 @@ On each row x of x [M, D], in fp32, in this order, each step rounded to fp32:
 +0 to the next power of two, and the second half is added onto the first until one value is left,
     ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))          (D = 8)
 then + 0 (a zero sum is +0 whatever the signs of the zeros). The kernel (`codegen.triton.norm_cast`)
-builds the same tree, so the two agree bit for bit on any data, not only on data whose sums are exact. The divisions and the square root are IEEE
-(correctly rounded: `div_rn`, `sqrt_rn` in the kernel, / and `sqrt_rn` here), never `rsqrt`, whose
-CUDA versions are approximations no CPU reference reproduces. No step is fused into an FMA (the kernel
-is compiled with `enable_fp_fusion=False`). eps and scale are fp32, as in the kernel.
+builds the same tree, so the two agree bit for bit on any data, not only on data whose sums are exact.
+The divisions and the square root are IEEE (correctly rounded: `div_rn`, `sqrt_rn` in the kernel, / and
+`sqrt_rn` here), never `rsqrt`, whose CUDA versions are approximations no CPU reference reproduces. No
+step is fused into an FMA (the kernel is compiled with `enable_fp_fusion=False`). eps and scale are fp32,
+as in the kernel.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ The FP8 tensor feeds the next GEMM directly: with a static scale there is no ama
 lives in the kernel that produces the tensor. qᵀ is the K-major operand of the backward's dW GEMM.
 
 Exactness: row sums are a fixed binary tree (`pairwise_row_sum`: the row's halves added level by level,
-each level a `tl.sum` over an axis of two), the order `norm_reference.row_sum` reproduces in torch; divisions and the square
-root are IEEE (`div_rn`, `sqrt_rn`), never the approximate `/`, `sqrt` or `rsqrt`; the kernel is launched
-without FMA contraction (`enable_fp_fusion=False`).
+each level a `tl.sum` over an axis of two), the order `norm_reference.row_sum` reproduces in torch;
+divisions and the square root are IEEE (`div_rn`, `sqrt_rn`), never the approximate `/`, `sqrt` or
+`rsqrt`; the kernel is launched without FMA contraction (`enable_fp_fusion=False`).
 
 Limit: one program holds BLOCK_M whole rows (BLOCK_D = D rounded up to a power of two), so D ≤
 `norm_reference.MAX_D` = 16384; `default_config` trades rows per program against registers.
