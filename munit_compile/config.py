@@ -17,6 +17,9 @@ INNER_COMPILERS = ("inductor", "aot_eager")
 class _ConfigFields:
     fp8: bool = True
     """Rewrite eligible hidden GEMMs to static-scaled FP8 (`munit::fp8_linear`)."""
+    fuse: bool = True
+    """Run `passes.fuse` after the FP8 plan: fold what follows an FP8 GEMM (an activation) into its
+    epilogue, rounded once. False leaves every FP8 GEMM and activation as separate ops."""
     forward_format: str = "e4m3"
     """FP8 format of activations and weights in forward GEMMs."""
     grad_format: str = "e5m2"
@@ -97,6 +100,7 @@ def _check_formats(cfg):
 
 _FIELD_CHECKS = (
     _check_bool("fp8"),
+    _check_bool("fuse"),
     _check_bool("strict"),
     _check_bool("symbolic"),
     _check_choice("forward_format", FP8_FORMATS),

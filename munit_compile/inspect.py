@@ -146,6 +146,7 @@ def _inspect_graph(gm, inputs, config, measure, report, parameter_moments) -> Co
                 row["fp8"] = {k: getattr(decision, k) for k in
                               ("x_format", "x_scale", "w_format", "w_scale", "grad_format", "grad_scale")}
                 row["reason"] = _underflow_note(decision)
+                row["fused_kernel"] = decision.fused_kernel
             elif row["status"] == "ok":
                 row["status"], row["reason"] = "high_precision", decision.reason
     report.rows += snapshot["rows"]
@@ -250,12 +251,13 @@ def _summary(report: Report, gemms: list, unknown_ops: list[str], measured: bool
 
 def _format_table(rows: list[dict], summary: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
-    header = ("name", "op", "shape", "pred σ", "pred σ grad", "meas σ", "meas σ grad", "fp8 scales x/w/g", "status", "reason")
+    header = ("name", "op", "shape", "pred σ", "pred σ grad", "meas σ", "meas σ grad", "fp8 scales x/w/g", "kernel",
+              "status", "reason")
     lines = [header]
     for r in rows:
         fp8 = "-" if r["fp8"] is None else "/".join(fmt(r["fp8"][k]) for k in ("x_scale", "w_scale", "grad_scale"))
         lines.append((r["name"], r["op"], "x".join(map(str, r["shape"])), fmt(r["pred_std"]), fmt(r["pred_grad_std"]),
-                      fmt(r["meas_std"]), fmt(r["meas_grad_std"]), fp8, r["status"], r["reason"]))
+                      fmt(r["meas_std"]), fmt(r["meas_grad_std"]), fp8, fmt(r["fused_kernel"]), r["status"], r["reason"]))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line[:-1], widths)) + "  " + str(line[-1]) for line in lines]
     text.append(

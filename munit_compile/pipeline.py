@@ -1,13 +1,14 @@
 """The whole munit flow in one place: an ordered list of named passes over one graph.
 
     Dynamo graph ─normalize─▶ pre-dispatch ATen ─variance─▶ σ on every node ─fp8_plan─▶ munit ops
-    ─▶ aot_autograd + Inductor (backend.py) for everything that is not ours.
+    ─fuse─▶ epilogues folded into the FP8 GEMMs ─▶ aot_autograd + Inductor (backend.py) for the rest.
 
 Each pass is `fn(state) -> None`, mutating `state.gm`; after each the graph is linted, and its wall
 time is recorded in the report.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ import torch.fx as fx
 from munit_compile.config import Config
 from munit_compile.ir import META_BWD, META_FWD
 from munit_compile.passes.fp8_plan import GemmDecision, plan_fp8
+from munit_compile.passes.fuse import fuse
 from munit_compile.passes.normalize import normalize_to_aten
 from munit_compile.passes.values import Unknown
 from munit_compile.passes.variance import ParameterMoments, propagate
@@ -31,6 +33,7 @@ class CompileReport:
     """What the pipeline did to one graph: the GEMM decisions, the unknown ops, each pass's time."""
 
     gemms: list[GemmDecision] = field(default_factory=list)
+    fusions: Counter = field(default_factory=Counter)  # fusion pattern name -> times it fired
     unknowns: Counter = field(default_factory=Counter)  # Unknown (where the analysis lost track) -> nodes affected
     pass_seconds: dict[str, float] = field(default_factory=dict)
     failure: str | None = None  # set when a pass raised and the graph was compiled unchanged
@@ -76,6 +79,15 @@ def _fp8_plan(state: PipelineState) -> None:
     state.report.gemms = plan_fp8(state.gm, state.config)
 
 
+def _fuse(state: PipelineState) -> None:
+    if not state.config.fuse:
+        return
+    kernels, fired = fuse(state.gm)
+    state.report.fusions.update(fired)
+    state.report.gemms = [dataclasses.replace(d, fused_kernel=kernels[d.node]) if d.node in kernels else d
+                          for d in state.report.gemms]
+
+
 @dataclass(frozen=True)
 class Pass:
     name: str
@@ -86,6 +98,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("normalize", _normalize),
     Pass("variance", _variance),
     Pass("fp8_plan", _fp8_plan),
+    Pass("fuse", _fuse),
 )
 
 
@@ -116,7 +129,8 @@ def run_pipeline(
 def _log_report(report: CompileReport) -> None:
     for d in report.gemms:
         if d.fp8:
-            log.debug("munit: %s -> FP8 (s_x=%g, s_w=%g, s_g=%g)", d.node, d.x_scale, d.w_scale, d.grad_scale)
+            log.debug("munit: %s -> FP8 (s_x=%g, s_w=%g, s_g=%g) as %s", d.node, d.x_scale, d.w_scale, d.grad_scale,
+                      d.fused_kernel)
         else:
             log.info("munit: %s stays in high precision: %s", d.node, d.reason)
     if report.unknown_ops:

@@ -56,15 +56,15 @@ def fp8_linear(
     w_scale: float,
     fwd_format: str,
     alpha: float = 1.0,
+    activation: str = "none",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """y = α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias), fp32 accumulate, bias add and α, output in x.dtype."""
+    """y = act(α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias)): fp32 accumulate, scale, bias, α and the
+    activation in fp32 (`epilogue.apply`), rounded once to out_dtype (default x.dtype)."""
     x2 = x.reshape(-1, x.shape[-1])
-    acc = fp8_gemm(x2, w, x_scale, w_scale, fwd_format, fwd_format, torch.float32)
-    if bias is not None:
-        acc = acc + bias.to(torch.float32)
-    if alpha != 1.0:
-        acc = acc * alpha
-    return acc.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    out = scaled_mm(cast_fp8(x2, fwd_format, x_scale), cast_fp8(w, fwd_format, w_scale), 1.0 / (x_scale * w_scale),
+                    bias, alpha, out_dtype=x.dtype if out_dtype is None else out_dtype, activation=activation)
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def cast_transpose(x: torch.Tensor, scale: float, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

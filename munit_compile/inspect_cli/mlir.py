@@ -24,8 +24,8 @@ def _munit_decompositions() -> dict:
     import munit_compile.ops  # noqa: F401  (registers the ops)
     from munit_compile.codegen import reference
 
-    def fp8_linear(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0):
-        return reference.fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha)
+    def fp8_linear(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none"):
+        return reference.fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation)
 
     return {
         torch.ops.munit.fp8_linear.default: fp8_linear,

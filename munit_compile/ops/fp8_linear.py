@@ -1,11 +1,26 @@
 """`munit::fp8_linear` and `munit::fp8_gemm`: static-scaled FP8 GEMMs as torch custom ops.
 
-Forward  y  = α·(q₄(x·s_x) @ q₄(W·s_w)ᵀ / (s_x·s_w) + b)         (E4M3 operands)
-Backward dx = α·q₅(dy·s_g) @ q₄(W·s_w)    / (s_g·s_w)             (E5M2 grad, E4M3 weight)
-         dW = α·q₅(dy·s_g)ᵀ @ q₄(x·s_x)   / (s_g·s_x),  db = α·Σ_rows dy
-α is a static output multiplier (μS: 1/√fan_in), so dy, the gradient the op receives, is what is cast.
+Forward  z  = α·(q₄(x·s_x) @ q₄(W·s_w)ᵀ / (s_x·s_w) + b)         (E4M3 operands, fp32)
+         y  = act(z), rounded once to x.dtype                      (act: `epilogue.ACTIVATIONS`, default "none")
+Backward dz = act′(z)·dy                                           (fp32; dz = dy for "none")
+         dx = α·q₅(dz·s_g) @ q₄(W·s_w)    / (s_g·s_w)             (E5M2 grad, E4M3 weight)
+         dW = α·q₅(dz·s_g)ᵀ @ q₄(x·s_x)   / (s_g·s_x),  db = α·Σ_rows dz
+α is a static output multiplier (μS: 1/√fan_in), so dz, the gradient of the GEMM's output, is what is cast.
 All scales are static powers of two fixed at compile time; accumulation is fp32.
-The kernels come from `munit_compile.codegen` (the exact reference on every device for now).
+The kernels come from `codegen.select.kernels_for`: Triton on CUDA, the exact reference elsewhere.
+
+The activation (`passes.fuse` folds `act(fp8_linear(...))` into it) is applied to the fp32 pre-activation
+in the GEMM's epilogue, so the output is rounded once instead of twice (z to x.dtype, then act(z)).
+Backward needs act′(z). The op RECOMPUTES z in backward (one more forward FP8 GEMM, from the x and W it
+saves anyway) rather than returning z as a second output to be saved:
+- memory: nothing is saved besides x and W, as for the plain linear. The unfused pair saves x, W and z
+  (gelu/silu's input, M×N in x.dtype); the fused op saves M×N elements less per fused GEMM (for a 4×
+  MLP's up projection, 4·d_model per token per layer), under any partitioner. (Inductor's min-cut
+  partitioner recomputes y = act(z) from z rather than saving both; fused, it saves y, the next GEMM's
+  input, and not z: the same count there, one M×N tensor either way, but no separate activation kernel.)
+- exactness: act′ is evaluated at the exact fp32 z the forward used, not at a copy rounded to x.dtype,
+  and the op keeps one output, so every existing call, fake and graph stays valid.
+- cost: the forward GEMM runs again in backward (4 GEMMs instead of 3 for that layer), in FP8.
 """
 from __future__ import annotations
 
@@ -50,22 +65,25 @@ def fp8_linear(
     fwd_format: str,
     grad_format: str,
     alpha: float = 1.0,
+    activation: str = "none",
 ) -> torch.Tensor:
-    """y[..., N] = α·(x[..., K] @ w[N, K]ᵀ + bias) with static-scaled FP8 operands; output in x.dtype."""
-    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha)
-    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha)
+    """y[..., N] = act(α·(x[..., K] @ w[N, K]ᵀ + bias)) with static-scaled FP8 operands; output in x.dtype."""
+    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation)
+    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation)
 
 
 @fp8_linear.register_fake
-def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0):
-    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha)
+def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none"):
+    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def _fp8_linear_setup_context(ctx, inputs, output):
     x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, *rest = inputs
     ctx.alpha = rest[0] if rest else 1.0
-    ctx.save_for_backward(x, w)
+    ctx.activation = rest[1] if len(rest) > 1 else "none"
+    # with an activation, backward recomputes z = α·(x Wᵀ + b): it needs the bias as well
+    ctx.save_for_backward(*((x, w, bias) if ctx.activation != "none" else (x, w)))
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.scales = (x_scale, w_scale, grad_scale)
@@ -73,9 +91,12 @@ def _fp8_linear_setup_context(ctx, inputs, output):
 
 
 def _fp8_linear_backward(ctx, grad_y):
-    x, w = ctx.saved_tensors
+    x, w, *bias = ctx.saved_tensors
     x_scale, w_scale, grad_scale = ctx.scales
     fwd_format, grad_format = ctx.formats
+    if ctx.activation != "none":  # dz = act′(z)·dy at the fp32 pre-activation z, recomputed (module docstring)
+        z = kernels_for(x).fp8_linear(x, w, bias[0], x_scale, w_scale, fwd_format, ctx.alpha, "none", torch.float32)
+        grad_y = ACTIVATION_GRADS[ctx.activation](grad_y.to(torch.float32), z)
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     alpha = ctx.alpha
@@ -87,7 +108,17 @@ def _fp8_linear_backward(ctx, grad_y):
         grad_w = _scaled(fp8_gemm(g2.t(), x2.t(), grad_scale, x_scale, grad_format, fwd_format, _acc(w.dtype, alpha)), alpha, w.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = (g2.to(torch.float32).sum(0) * alpha).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+# activation -> (dy, z) -> act′(z)·dy, both fp32: aten's own backward formulas, the ones autograd uses for
+# the unfused aten.gelu / aten.silu / aten.relu (so fused and unfused backward differ only by z's rounding)
+ACTIVATION_GRADS = {
+    "relu": lambda dy, z: torch.ops.aten.threshold_backward(dy, z, 0),
+    "gelu": lambda dy, z: torch.ops.aten.gelu_backward(dy, z, approximate="none"),
+    "gelu_tanh": lambda dy, z: torch.ops.aten.gelu_backward(dy, z, approximate="tanh"),
+    "silu": lambda dy, z: torch.ops.aten.silu_backward(dy, z),
+}
 
 
 def _acc(dtype: torch.dtype, alpha: float) -> torch.dtype:
@@ -114,7 +145,8 @@ def _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format):
     check_scale(b_scale, "munit::fp8_gemm b_scale")
 
 
-def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0):
+def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
+                       activation="none"):
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(
             f"munit::fp8_linear needs x[..., K] and w[N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
@@ -131,3 +163,6 @@ def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, gra
     check_scale(grad_scale, "munit::fp8_linear grad_scale")
     if not (isinstance(alpha, float) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"munit::fp8_linear alpha must be a finite positive float, got {alpha!r}")
+    if activation != "none" and activation not in ACTIVATION_GRADS:
+        raise ValueError(f"munit::fp8_linear: unknown activation {activation!r}; use one of "
+                         f"{['none', *sorted(ACTIVATION_GRADS)]}")

@@ -55,6 +55,7 @@ class GemmDecision:
     grad_scale: float | None = None
     x_underflow: float | None = None     # predicted share of scaled x below its format's smallest normal
     grad_underflow: float | None = None  # the same for the scaled output gradient
+    fused_kernel: str | None = None      # the kernel it runs as ("fp8_gemm", "fp8_gemm+gelu", ...; passes.fuse)
 
 
 def _linear_operands(node: fx.Node) -> GemmOperands | None:
@@ -287,7 +288,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, ctx: _CheckCont
         config.forward_format, x_scale, config.forward_format, w_scale, config.grad_format, grad_scale,
         underflow_fraction(g.x.meta[META_FWD], x_scale, config.forward_format, ctx.underflow_cache),
         underflow_fraction(out.meta[META_BWD], grad_scale, config.grad_format, ctx.underflow_cache),
+        fused_kernel="fp8_gemm",
     )
+    fp8.meta[META_PLAN] = decision  # passes.fuse finds the decision of the op it fuses here
     out.replace_all_uses_with(fp8)
     if out is not node:
         gm.graph.erase_node(out)

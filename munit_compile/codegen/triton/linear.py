@@ -22,9 +22,9 @@ def fp8_gemm(a, b_t, a_scale, b_scale, a_format, b_format, out_dtype):
                           1.0 / (a_scale * b_scale), out_dtype=out_dtype)
 
 
-def fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha=1.0):
+def fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha=1.0, activation="none", out_dtype=None):
     """As `reference.fp8_linear`."""
     x2 = x.reshape(-1, x.shape[-1])
     out = gemm.scaled_mm(_cast(x2, x_scale, fwd_format), _cast(w, w_scale, fwd_format), 1.0 / (x_scale * w_scale),
-                         bias, alpha, out_dtype=x.dtype)
+                         bias, alpha, out_dtype=x.dtype if out_dtype is None else out_dtype, activation=activation)
     return out.reshape(*x.shape[:-1], w.shape[0])
