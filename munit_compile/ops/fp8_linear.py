@@ -13,11 +13,12 @@ The activation (`passes.fuse` folds `act(fp8_linear(...))` into it) is applied t
 in the GEMM's epilogue, so the output is rounded once instead of twice (z to x.dtype, then act(z)).
 Backward needs act′(z). The op RECOMPUTES z in backward (one more forward FP8 GEMM, from the x and W it
 saves anyway) rather than returning z as a second output to be saved:
-- memory: nothing is saved besides x and W, as for the plain linear. The unfused pair saves x, W and z
-  (gelu/silu's input, M×N in x.dtype); the fused op saves M×N elements less per fused GEMM (for a 4×
-  MLP's up projection, 4·d_model per token per layer), under any partitioner. (Inductor's min-cut
-  partitioner recomputes y = act(z) from z rather than saving both; fused, it saves y, the next GEMM's
-  input, and not z: the same count there, one M×N tensor either way, but no separate activation kernel.)
+- memory: it saves x, W and the bias (N elements), nothing M×N. The unfused pair also saves z (the
+  activation's input, M×N in x.dtype): fused saves M·N elements less per fused GEMM (a 4× MLP's up
+  projection: 4·d_model per token per layer). Measured with saved-tensor hooks under aot_eager, tiny GPT
+  (d 64, 2 layers, 4×64 tokens, fp32): 2.53 MB saved fused vs 3.05 MB unfused, the 2 × 256·256·4 B of z
+  less 2 × 1 KB of bias. (Inductor's min-cut partitioner may instead save z and recompute y = act(z) for
+  the next GEMM; then both save one M×N tensor and fusion removes the activation kernel and a rounding.)
 - exactness: act′ is evaluated at the exact fp32 z the forward used, not at a copy rounded to x.dtype,
   and the op keeps one output, so every existing call, fake and graph stays valid.
 - cost: the forward GEMM runs again in backward (4 GEMMs instead of 3 for that layer), in FP8.

@@ -1,0 +1,311 @@
+"""passes.fuse: FP8 GEMM → activation folded into `munit::fp8_linear(..., activation)`.
+
+The bound. Unfused, the GEMM rounds z = α(xWᵀ+b) to the dtype d (z_r), then act rounds act(z_r);
+fused, act(z) is computed from the fp32 z and rounded once. With u the unit roundoff of d (bf16 2⁻⁸,
+fp16 2⁻¹¹, fp32 2⁻²⁴) and L = max|act′| (< 1.13 for GELU/GELU-tanh/SiLU, 1 for ReLU), per element:
+    forward   |y_f − y_u| ≤ L·|z − z_r| + u·(|y_f| + |y_u|) ≤ L·u·|z_r| + u·(|y_f| + |y_u|)   (+ fp32 ulps)
+    backward  |dz_f − dz_u| ≤ |dy|·C₂·u·|z_r| + u·|dz_u|     (C₂ = max|act″| < 0.8; dz_u is rounded to d)
+db = α·Σ_rows dz has no FP8 cast: its difference is bounded by the row sum of the dz bound. dx and dW go
+through the E5M2 cast of dz, where a difference δ ≪ one E5M2 spacing ε₅ (2⁻² relative) flips a rounding
+with probability ≈ δ/ε₅ and then moves it by ε₅: relative RMS ≈ √(L·u·ε₅) (bf16: ≈ 0.033), asserted
+with a factor 2. In fp32 the removed rounding is nothing (z is fp32 either way): fused and unfused agree
+to a few fp32 ulps (the epilogue's GELU/SiLU formula vs aten's kernel; backward is identical).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import munit_compile as munit
+from munit_compile.codegen import reference
+from munit_compile.ir import META_PLAN
+from munit_compile.ops.formats import cast_fp8
+from munit_compile.passes import fuse as fuse_pass
+from munit_compile.pipeline import run_pipeline
+from small_models import VOCAB, builtin_gpt, gpt2, hidden_gemm_modules, llama
+
+FAST = dict(inner_compiler="aot_eager", strict=True)
+U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+L_ACT, C2_ACT, E5M2_SPACING = 1.13, 0.8, 2.0 ** -2
+AUTOGRAD_ACT = {
+    "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "relu": F.relu,
+}
+LINEAR_ARGS = (1.0, 8.0, 1.0, "e4m3", "e5m2", 0.125)  # s_x, s_w, s_g, formats, α
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles the same forward code under several backends: without a reset Dynamo hits its
+    recompile limit and silently runs the model eagerly (no munit at all)."""
+    torch._dynamo.reset()
+    yield
+
+
+def _gpt_step(model, ids):
+    return model(ids, ids)[1]
+
+
+def _lm_step(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+MODELS = {"builtin_gpt": (builtin_gpt, _gpt_step), "llama": (llama, _lm_step), "gpt2": (gpt2, _lm_step)}
+
+
+def _ids(seed=0):
+    return torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def _compile(model, fuse):
+    be = munit.backend(munit.Config(fuse=fuse, **FAST))
+    return torch.compile(copy.deepcopy(model), backend=be), be
+
+
+def _planned(model, step, ids, autocast=False, **config):
+    """The munit-planned graph(s) of one forward (no inner compile), with their example inputs."""
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append((gm, inputs))
+        return gm.forward
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        step(torch.compile(copy.deepcopy(model), backend=capture, dynamic=False), ids)
+    out = []
+    for gm, inputs in graphs:
+        planned, report = run_pipeline(copy.deepcopy(gm), inputs, munit.Config(**FAST, **config))
+        out.append((planned, inputs, report))
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- (1) what the pass fuses
+
+EXPECTED = {"builtin_gpt": ("gelu", "up"), "llama": ("silu", "gate_proj")}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("name", ["builtin_gpt", "llama"])
+def test_every_gemm_activation_is_fused(name, autocast):
+    make, step = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    ((planned, _, report),) = _planned(model, step, _ids(), autocast)
+    activation, module = EXPECTED[name]
+    n_layers = sum(1 for n, _ in model.named_modules() if n.endswith("." + module))
+    fused = [d for d in report.gemms if d.fused_kernel == f"fp8_gemm+{activation}"]
+    assert len(fused) == n_layers == 2 and report.fusions == {"gemm_activation": n_layers}
+    assert all(d.fp8 for d in fused)
+    # every other FP8 GEMM runs as the plain kernel, the LM head as none; no activation op is left over
+    assert {d.fused_kernel for d in report.gemms if d not in fused} == {"fp8_gemm", None}
+    targets = {n.target for n in planned.graph.nodes}
+    assert not targets & set(fuse_pass.ACTIVATION_OPS)
+    linears = [n for n in planned.graph.nodes if n.target is fuse_pass.FP8_LINEAR]
+    assert len(linears) == len(hidden_gemm_modules(model))
+    assert [fuse_pass.kernel_of(n) for n in linears].count(f"fp8_gemm+{activation}") == n_layers
+    # the pass can't match twice: it leaves nothing for itself
+    assert fuse_pass.fuse(planned)[1] == {}
+
+
+def test_gpt2_gelu_new_is_written_out_and_not_fused():
+    """GPT-2's gelu_new is 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) in Python: traced as mul/pow/add/tanh,
+    not aten.gelu(approximate='tanh'); this pattern leaves it (a written-out-GELU pattern is not done)."""
+    torch.manual_seed(0)
+    ((planned, _, report),) = _planned(gpt2(), _lm_step, _ids())
+    targets = [n.target for n in planned.graph.nodes]
+    assert torch.ops.aten.tanh.default in targets and torch.ops.aten.gelu.default not in targets
+    assert report.fusions == {} and {d.fused_kernel for d in report.gemms} == {"fp8_gemm", None}
+
+
+def test_config_fuse_flag_is_validated_and_turns_the_pass_off():
+    with pytest.raises(ValueError, match="Config.fuse"):
+        munit.Config(fuse=1)
+    ((planned, _, report),) = _planned(builtin_gpt(), _gpt_step, _ids(), fuse=False)
+    assert report.fusions == {} and torch.ops.aten.gelu.default in [n.target for n in planned.graph.nodes]
+
+
+def test_inspect_names_the_fused_kernel():
+    torch.manual_seed(0)
+    report = munit.inspect(builtin_gpt(), _ids())
+    kernels = {r["name"]: r["fused_kernel"] for r in report.rows if r["fp8"] is not None}
+    assert sorted(set(kernels.values())) == ["fp8_gemm", "fp8_gemm+gelu"]
+    assert list(kernels.values()).count("fp8_gemm+gelu") == 2
+    assert "fp8_gemm+gelu" in report.table(only_gemms=True)
+
+
+# ---------------------------------------------------------------- (4) the op
+
+def _operands(dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(48, 64, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(96, 64, generator=g) * 0.125).to(dtype).requires_grad_()
+    b = torch.randn(96, generator=g).to(dtype).requires_grad_() if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", sorted(AUTOGRAD_ACT))
+def test_fused_op_forward_is_the_reference_epilogue_exactly(activation, dtype):
+    x, w, b = _operands(dtype, 1)
+    y = torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS, activation)
+    expected = reference.scaled_mm(cast_fp8(x, "e4m3", 1.0), cast_fp8(w, "e4m3", 8.0), 1 / 8.0, b, 0.125,
+                                   out_dtype=dtype, activation=activation)
+    assert y.dtype == dtype and torch.equal(y, expected)
+
+
+def _fused_and_unfused(activation, dtype, seed, bias=True):
+    x, w, b = _operands(dtype, seed, bias)
+    params = (x, w) if b is None else (x, w, b)
+    y_f = torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS, activation)
+    z_r = torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS)
+    y_u = AUTOGRAD_ACT[activation](z_r)
+    dy = torch.randn(y_u.shape, generator=torch.Generator().manual_seed(seed + 100)).to(dtype)
+    return z_r, y_f, y_u, dy, torch.autograd.grad(y_f, params, dy), torch.autograd.grad(y_u, params, dy)
+
+
+@pytest.mark.parametrize("activation", sorted(AUTOGRAD_ACT))
+def test_fused_op_in_fp32_matches_autograd_through_the_unfused_ops(activation):
+    """fp32: no rounding removed; backward bit-identical (same z, same aten backward formula)."""
+    z_r, y_f, y_u, _, g_f, g_u = _fused_and_unfused(activation, torch.float32, 2)
+    assert torch.allclose(y_f, y_u, rtol=4 * U[torch.float32], atol=1e-30)
+    for a, e in zip(g_f, g_u):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", sorted(AUTOGRAD_ACT))
+def test_fused_op_in_low_precision_within_the_removed_rounding(activation, dtype):
+    z_r, y_f, y_u, dy, (dx_f, dw_f, db_f), (dx_u, dw_u, db_u) = _fused_and_unfused(activation, dtype, 3)
+    u, f32 = U[dtype], 8 * U[torch.float32]
+    z, yf, yu = z_r.detach().double().abs(), y_f.detach().double().abs(), y_u.detach().double().abs()
+    bound_y = L_ACT * u * (1 + u) * z + u * (yf + yu) + f32 * (z + yf)
+    assert ((y_f.detach().double() - y_u.detach().double()).abs() <= bound_y).all()
+    # db = α·Σ_rows dz: no FP8 cast between, so the per-element dz bound sums up
+    dz_bound = dy.double().abs() * (C2_ACT * u * (1 + u) * z) + (u + f32) * (dy.double().abs() * L_ACT)
+    alpha = LINEAR_ARGS[-1]
+    assert ((db_f.double() - db_u.double()).abs() <= alpha * dz_bound.sum(0) + u * db_u.double().abs()).all()
+    if activation == "relu":  # relu commutes with rounding: nothing to remove
+        assert torch.equal(y_f, y_u) and torch.equal(dx_f, dx_u) and torch.equal(dw_f, dw_u)
+    bound_flips = 2 * math.sqrt(L_ACT * u * E5M2_SPACING)
+    assert _rel(dx_f, dx_u) <= bound_flips and _rel(dw_f, dw_u) <= bound_flips
+
+
+def test_opcheck_on_the_extended_op():
+    x, w, b = (t.detach() for t in _operands(torch.float32, 4))
+    for activation in ("none", *sorted(AUTOGRAD_ACT)):
+        torch.library.opcheck(torch.ops.munit.fp8_linear, (x, w, b, *LINEAR_ARGS, activation))
+    torch.library.opcheck(torch.ops.munit.fp8_linear, (x, w, None, 1.0, 8.0, 1.0, "e4m3", "e5m2"))
+    with pytest.raises(ValueError, match="unknown activation"):
+        torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS, "tanh")
+
+
+# ---------------------------------------------------------------- (2) the fused graph vs the unfused graph
+
+def _activation_of(gm):
+    """{decision node: (the unfused fp8_linear node, its activation node, activation name)}."""
+    out = {}
+    for node in gm.graph.nodes:
+        m = fuse_pass._match_gemm_activation(node)
+        if m is not None:
+            out[node.meta[META_PLAN].node] = (m.gemm, m.act, m.activation)
+    return out
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.values, self.args_of = wanted, {}, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+            if n.target is fuse_pass.FP8_LINEAR:
+                self.args_of[n] = self.map_nodes_to_values(n.args, n)
+        return out
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("name", ["builtin_gpt", "llama"])
+def test_fused_graph_vs_unfused_graph_on_fresh_data(name, autocast):
+    """Each fused GEMM of the real graph, fed the unfused graph's own operands, is within the bound; the whole
+    model's loss and gradients agree to fp32 ulps in fp32, and in bf16 the fused graph is no further from
+    the high-precision model than the unfused one is (FP8 noise dominates the removed rounding)."""
+    make, step = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    ids = _ids(seed=7)  # fresh data: not the example the graph was planned with
+    ((unfused, inputs, _),) = _planned(model, step, _ids(), autocast, fuse=False)
+    targets = _activation_of(unfused)
+    assert len(targets) == 2
+    rec = _Recorder(unfused, {n for t in targets.values() for n in t[:2]})
+    with torch.no_grad():
+        rec.run(*[ids if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == ids.shape else t
+                  for t in inputs])
+    for gemm, act, activation in targets.values():
+        args = rec.args_of[gemm]
+        z_r, y_u = rec.values[gemm], rec.values[act]
+        y_f = torch.ops.munit.fp8_linear(*args, *(1.0,) * (9 - len(args)), activation)
+        u, f32 = U[z_r.dtype], 8 * U[torch.float32]
+        z, yf, yu = z_r.double().abs(), y_f.double().abs(), y_u.double().abs()
+        bound = L_ACT * u * (1 + u) * z + u * (yf + yu) + f32 * (z + yf)
+        assert ((y_f.double() - y_u.double()).abs() <= bound).all()
+
+    torch._dynamo.reset()
+    compiled, backends = {}, {}
+    for fuse in (True, False):
+        compiled[fuse], backends[fuse] = _compile(model, fuse)
+    reference_model = torch.compile(copy.deepcopy(model), backend=munit.backend(munit.Config(fp8=False, **FAST)))
+    results = {}
+    for key, m in (*compiled.items(), ("hp", reference_model)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = step(m, ids)
+        loss.backward()
+        results[key] = (loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    (loss_f, g_f), (loss_u, g_u), (_, g_hp) = results[True], results[False], results["hp"]
+    assert backends[True].reports[0].fusions == {"gemm_activation": 2} and not backends[False].reports[0].fusions
+    if not autocast:
+        assert abs(loss_f.item() - loss_u.item()) <= 1e-6 * abs(loss_u.item())
+        assert max(_rel(g_f[n], g_u[n]) for n in g_u) <= 1e-5
+    else:
+        assert abs(loss_f.item() - loss_u.item()) <= 4 * U[torch.bfloat16] * abs(loss_u.item())
+        err_f = sum((g_f[n].double() - g_hp[n].double()).norm() ** 2 for n in g_hp) ** 0.5
+        err_u = sum((g_u[n].double() - g_hp[n].double()).norm() ** 2 for n in g_hp) ** 0.5
+        print(f"{name}: |g_fused − g_hp| = {err_f:.4g}, |g_unfused − g_hp| = {err_u:.4g}, "
+              f"max rel |g_fused − g_unfused| = {max(_rel(g_f[n], g_u[n]) for n in g_u):.3g}")
+        assert err_f <= 1.1 * err_u
+
+
+# ---------------------------------------------------------------- (3) training
+
+def test_short_training_run_fused_matches_unfused():
+    """15 AdamW steps of the tiny GPT in fp32: the fused and unfused losses agree to fp32 rounding
+    (no rounding is removed in fp32; what is left is ulp-level, amplified at most by the rare FP8 flip)."""
+    torch.manual_seed(0)
+    model = builtin_gpt()
+    losses = {}
+    start = time.perf_counter()
+    for fuse in (True, False):
+        m, be = _compile(model, fuse)
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        losses[fuse] = []
+        for i in range(15):
+            opt.zero_grad(set_to_none=True)
+            loss = _gpt_step(m, _ids(seed=100 + i))
+            loss.backward()
+            opt.step()
+            losses[fuse].append(loss.item())
+        assert sum(r.fusions["gemm_activation"] for r in be.reports) == (2 if fuse else 0)
+    assert losses[True][-1] < losses[True][0] - 0.1  # it trains
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    assert time.perf_counter() - start < 120
