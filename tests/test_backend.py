@@ -211,7 +211,9 @@ def test_fp8_disabled_in_config_changes_nothing():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_models_keep_their_dtype_and_match_simulated_fp8(dtype):
     model, x = MLP().to(dtype), _float_input().to(dtype)
-    be = munit.backend(FAST)
+    # the simulated model rounds the GEMM output before its GELU: compare with the unfused graph (the
+    # fused one rounds once; tests/test_fuse.py bounds that difference)
+    be = munit.backend(FAST.replace(fuse=False))
     compiled = torch.compile(copy.deepcopy(model), backend=be)
     out = compiled(x)
     assert out.dtype == dtype
