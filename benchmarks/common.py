@@ -8,15 +8,30 @@ import platform
 import subprocess
 
 
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=os.path.dirname(__file__),
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _code_commit() -> str:
+    """The commit this process's code came from, '+dirty' when munit_compile/ or benchmarks/ had
+    uncommitted changes. Read once, at import: a long benchmark records the code it started with."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--", "../munit_compile", ".")
+    return commit + ("+dirty" if dirty else "")
+
+
+CODE_COMMIT = _code_commit()
+
+
 def environment() -> dict:
-    """git commit, UTC date, machine (CPU model and cores, or the GPU's name), torch and triton versions."""
+    """git commit (at import), UTC date, machine (CPU model and cores, or the GPU's name), torch and
+    triton versions."""
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     try:
         import triton
         triton_version = triton.__version__
@@ -26,7 +41,7 @@ def environment() -> dict:
         machine = torch.cuda.get_device_name(0)
     else:
         machine = f"{_cpu_model()}, {os.cpu_count()} cores"
-    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"commit": CODE_COMMIT, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine, "torch": torch.__version__, "triton": triton_version}
 
 
