@@ -156,7 +156,7 @@ def plot(result: dict, path: str) -> None:
     inductor = [result["models"][n]["inductor_s"] for n in names]
     ax.bar([i - 0.2 for i in x], inductor, width=0.4, label="inductor")
     bottom = [0.0] * len(names)
-    for pass_name in ("normalize", "variance", "fp8_plan"):
+    for pass_name in dict.fromkeys(k for n in names for k in result["models"][n]["munit_pass_s"]):
         heights = [result["models"][n]["munit_pass_s"].get(pass_name, 0.0) for n in names]
         ax.bar([i + 0.2 for i in x], heights, width=0.4, bottom=bottom, label=f"munit: {pass_name}")
         bottom = [b + h for b, h in zip(bottom, heights)]

@@ -125,7 +125,7 @@ def test_compile_time_smoke_writes_json_history_and_plot(tmp_path, monkeypatch):
     (model,) = result["models"].values()
     assert model["munit_s"] > 0 and model["inductor_s"] > 0
     assert model["ratio"] == pytest.approx(model["munit_s"] / model["inductor_s"])
-    assert set(model["munit_pass_s"]) == {"normalize", "variance", "fp8_plan"}
+    assert set(model["munit_pass_s"]) == {"normalize", "variance", "fp8_plan", "fuse"}
     assert sum(model["munit_pass_s"].values()) < model["munit_s"]
     (entry,) = read_history(str(history))
     assert entry["benchmark"] == "compile-time" and entry["smoke"] is True
