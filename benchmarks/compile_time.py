@@ -161,7 +161,7 @@ def plot(result: dict, path: str) -> None:
         ax.bar([i + 0.2 for i in x], heights, width=0.4, bottom=bottom, label=f"munit: {pass_name}")
         bottom = [b + h for b, h in zip(bottom, heights)]
     rest = [result["models"][n]["munit_s"] - b for n, b in zip(names, bottom)]
-    ax.bar([i + 0.2 for i in x], rest, width=0.4, bottom=bottom, label="munit: aot_autograd + Inductor")
+    ax.bar([i + 0.2 for i in x], rest, width=0.4, bottom=bottom, label="munit: Dynamo, aot_autograd, Inductor")
     for i, n in enumerate(names):
         ax.text(i + 0.2, result["models"][n]["munit_s"], f"{result['models'][n]['ratio']:.2f}×", ha="center", va="bottom")
     ax.set_xticks(list(x), names)
