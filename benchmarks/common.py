@@ -17,11 +17,11 @@ def _git(*args: str) -> str | None:
 
 
 def _code_commit() -> str:
-    """The commit this process's code came from, '+dirty' when munit_compile/ or benchmarks/ had
-    uncommitted changes. Read once, at import: a long benchmark records the code it started with."""
+    """The commit this process's code came from, '+dirty' when a .py file under munit_compile/ or
+    benchmarks/ had uncommitted changes. Read once, at import: a long benchmark records the code it started with."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = _git("status", "--porcelain", "--", "../munit_compile", ".")
-    return commit + ("+dirty" if dirty else "")
+    changed = (_git("status", "--porcelain", "--", "../munit_compile", ".") or "").splitlines()
+    return commit + ("+dirty" if any(line.rstrip().endswith(".py") for line in changed) else "")
 
 
 CODE_COMMIT = _code_commit()
