@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.analysis_time import build_llama, transformers_init  # noqa: E402
-from benchmarks.common import environment, plot_path, record  # noqa: E402
+from benchmarks.common import environment, publish, pyplot, save_figure  # noqa: E402
 from munit_compile.config import Config  # noqa: E402
 from munit_compile.pipeline import run_pipeline  # noqa: E402
 
@@ -101,19 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     fit = result["depth_fit"]
     print(f"  time ≈ {fit['seconds_per_node'] * 1e3:.3f} ms/node · nodes + {fit['intercept_s']:.2f} s (R² {fit['r2']:.4f}); "
           f"over widths the time varies {result['width_spread']:.2f}×", file=sys.stderr)
-    record(result, args.json, headline(result))
-    png = plot_path(args.json, "analysis_scaling", args.png)
-    if png:
-        plot(result, png)
+    publish(result, args.json, args.png, "analysis_scaling", headline(result), plot)
     return 0
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     nodes = [p["nodes"] for p in result["depth"]]
     left.plot(nodes, [p["seconds"] for p in result["depth"]], "o", label="measured")
@@ -132,7 +125,4 @@ def plot(result: dict, path: str) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle(f"analysis-scaling: {result['machine']}, commit {result['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)

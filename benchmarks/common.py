@@ -99,3 +99,30 @@ def plot_path(json_path: str | None, name: str, explicit: str | None = None) -> 
     if explicit:
         return explicit
     return os.path.splitext(json_path)[0] + ".png" if json_path else None
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def publish(result: dict, json_path: str | None, png_path: str | None, name: str, headline: dict, plot) -> None:
+    """`record` the result, then draw `plot(result, png)` at --png, else next to the JSON."""
+    record(result, json_path, headline)
+    png = plot_path(json_path, name, png_path)
+    if png:
+        plot(result, png)

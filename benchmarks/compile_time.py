@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import munit_compile as munit  # noqa: E402
-from benchmarks.common import environment, plot_path, record  # noqa: E402
+from benchmarks.common import environment, publish, pyplot, save_figure  # noqa: E402
 
 TARGET_RATIO = 1.2  # the target: munit compiles within 20 % of Inductor
 
@@ -137,19 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         result["slowest_pass"] = {"model": worst[0], "pass": slowest[0], "seconds": slowest[1]}
         print(f"  over the {TARGET_RATIO} target on {worst[0]}: slowest munit pass {slowest[0]} ({slowest[1]:.2f} s)",
               file=sys.stderr)
-    record(result, args.json, headline(result))
-    png = plot_path(args.json, "compile_time", args.png)
-    if png:
-        plot(result, png)
+    publish(result, args.json, args.png, "compile_time", headline(result), plot)
     return 0
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(result["models"])
     fig, ax = plt.subplots(figsize=(7, 4))
     x = range(len(names))
@@ -168,7 +161,4 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("compile + first step (s)")
     ax.set_title(f"compile-time: {result['machine']}, commit {result['commit']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, plot_path, record
+from benchmarks.common import environment, publish, pyplot, save_figure
 from benchmarks.quality import parse_exponents
 from benchmarks.sweep import best, bracket, interpolated_optimum
 from benchmarks.training import Recipe, load_corpus
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for p, o in optimal.items():
         print(f"{p:3s} optimal LR per width: " + ", ".join(f"{w}: 2^{_log2(lr):+.0f}" for w, lr in o.items())
               + f"  (spread {shift[p]:.0f} grid steps)")
-    record(result, args.json, headline(result))
-    png = plot_path(args.json, "lr_transfer", args.png)
-    if png:
-        plot(result, png)
+    publish(result, args.json, args.png, "lr_transfer", headline(result), plot)
     return 0
 
 
@@ -91,11 +88,7 @@ def _log2(x: float) -> float:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, parametrization in zip(axes, ("sp", "mus")):
         for width in result["widths"]:
@@ -110,7 +103,4 @@ def plot(result: dict, path: str) -> None:
     axes[0].set_ylabel(f"validation loss after {result['steps']} steps")
     axes[1].legend()
     fig.suptitle(f"lr-transfer: {result['machine']}, commit {result['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, plot_path, record
+from benchmarks.common import environment, publish, pyplot, save_figure
 from benchmarks.sweep import best, bracket
 from benchmarks.training import Recipe, load_corpus, train
 
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         result["mus_fp8_vs_sp_bf16"] = runs["mus_fp8"]["final_val_loss"] / sp_loss - 1
         result["mus_fp8_vs_mus_bf16"] = runs["mus_fp8"]["final_val_loss"] / runs["mus_bf16"]["final_val_loss"] - 1
         print(f"mus_fp8 vs sp_bf16 {result['mus_fp8_vs_sp_bf16']:+.2%}, vs mus_bf16 {result['mus_fp8_vs_mus_bf16']:+.2%}")
-    record(result, args.json, headline(result))
-    png = plot_path(args.json, "quality", args.png)
-    if png:
-        plot(result, png)
+    publish(result, args.json, args.png, "quality", headline(result), plot)
     failures = regressions(result) if args.smoke else []
     for failure in failures:
         print(f"quality regression: {failure}", file=sys.stderr)
@@ -120,11 +117,7 @@ def _sweep(runs: list[dict]) -> list[dict]:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in result["runs"].items():
         steps, losses = zip(*r["curve"]) if r["curve"] else ((), ())
@@ -135,7 +128,4 @@ def plot(result: dict, path: str) -> None:
     ax.set_title(f"quality: {result['machine']}, commit {result['commit']}", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from benchmarks.common import HISTORY, read_history
+from benchmarks.common import HISTORY, pyplot, read_history, save_figure
 
 README = os.path.join(os.path.dirname(__file__), "README.md")
 RESULTS = os.path.dirname(HISTORY)
@@ -76,12 +76,7 @@ def trend(history: list[dict], benchmark: str, machine: str, results: str, draw:
     path = os.path.join(results, f"trend_{benchmark}.png")
     if not draw:
         return path
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for key in keys:
         points = [(i, e["headline"][key]) for i, e in enumerate(entries) if isinstance(e["headline"].get(key), (int, float))]
         ax.plot(*zip(*points), marker="o", label=key)
@@ -89,9 +84,7 @@ def trend(history: list[dict], benchmark: str, machine: str, results: str, draw:
     ax.set_title(f"{benchmark} on {machine}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
