@@ -20,9 +20,10 @@ class UnitScaleConfig:
     """tau: residual mixing x ← √(1−τ)·x + √τ·f(x), in (0, 1); None: `default_tau(layers)`.
     norm_placement: "res_post" (branch's leading norm removed, a norm at the branch's end) or "pre"
       (keep the model's pre-norms; no norm added).
-    unit_backward: give gradients unit scale too (identity-forward `munit::grad_scale` on the logits and
-      on each GEMM's input-gradient path); parameter gradients are then a constant multiple of the true
-      ones, which Adam-like optimizers and decoupled weight decay do not see.
+    unit_backward: give FP8 gradient operands unit scale too (identity-forward `munit::grad_scale`: the
+      logits' gradient × 1/σ_CE, each hidden GEMM's output gradient × c and its input gradient × 1/c);
+      parameter gradients are then the true ones times a constant per tensor, which Adam-like
+      optimizers and decoupled weight decay do not see.
     attention_scale: "model" keeps the model's softmax(q·kᵀ/√d); "1/d" uses q·kᵀ/d (μP's attention
       scaling: logits stay O(1) as q and k align during training) in every scaled_dot_product_attention.
     qk_norm: normalize q and k over the head dim (LayerNorm without affine) before every

@@ -44,7 +44,7 @@ def rewrite(gm: fx.GraphModule, config: UnitScaleConfig, input_multipliers: dict
 
     `input_multipliers`: weight name -> a static multiplier on that GEMM's input (unit σ at init; see
     `unit_multipliers`); `output_grad_scales`: weight name -> c, a `grad_scale(y, c)` after that GEMM's
-    output (its x-path gradient scale divided by c, so gradients upstream are unchanged). None for
+    output and `grad_scale(x, 1/c)` on its input, so gradients upstream are exact). None for
     both: a probe graph with 1s on every hidden GEMM, tagged for `unit_multipliers` to set."""
     mark_parameters(gm)
     for node in [n for n in gm.graph.nodes if n.target in ASSERT_OPS]:
@@ -164,7 +164,7 @@ def unit_multipliers(gm: fx.GraphModule, example_inputs: list) -> tuple[dict[str
     """(input multipliers, output-gradient scales), weight name -> constant, for the hidden GEMMs of a
     probe graph (`rewrite(..., None)`) where the variance engine predicts σ outside [1/√2, √2] at init:
     inputs (attention outputs ≈ 0.45, GELU/SiLU outputs ≈ 0.6) × 1/σ, set in one forward pass before
-    their consumers are analysed; output gradients (q/k projections, MLP up) × 1/σ_grad."""
+    their consumers are analysed; each hidden GEMM's output gradient × 1/σ_grad (undone on its input)."""
     from munit_compile.ir import META_BWD, META_FWD
     from munit_compile.passes.values import Moments
     from munit_compile.passes.variance import propagate_backward, propagate_forward
