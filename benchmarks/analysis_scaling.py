@@ -8,7 +8,6 @@ time = a·nodes + b and its R² say whether the cost is linear in graph size; wi
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -16,13 +15,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np   # noqa: E402
+import torch   # noqa: E402
 
-from benchmarks.analysis_time import build_llama, transformers_init  # noqa: E402
-from benchmarks.common import environment, publish, pyplot, save_figure  # noqa: E402
-from munit_compile.config import Config  # noqa: E402
-from munit_compile.pipeline import run_pipeline  # noqa: E402
+from benchmarks.analysis_time import build_llama, transformers_init   # noqa: E402
+from benchmarks.common import benchmark_parser, environment, publish, pyplot, save_figure  # noqa: E402
+from munit_compile.config import Config   # noqa: E402
+from munit_compile.pipeline import run_pipeline   # noqa: E402
 
 DEPTHS, DEPTH_WIDTH = (6, 12, 24, 48), 1024
 WIDTHS, WIDTH_DEPTH = (512, 1024, 2048, 4096), 12
@@ -80,11 +79,8 @@ def headline(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks analysis-scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the result here (the plot goes next to it)")
-    parser.add_argument("--png", help="where to write the plot")
+    parser = benchmark_parser("analysis-scaling", __doc__, "1-2 layers, two small widths, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="1-2 layers, two small widths, one repeat")
     args = parser.parse_args(argv)
     depths, widths, repeats = (SMOKE_DEPTHS, SMOKE_WIDTHS, 1) if args.smoke else (DEPTHS, WIDTHS, args.repeats)
     depth_width, width_depth = (widths[0], depths[0]) if args.smoke else (DEPTH_WIDTH, WIDTH_DEPTH)

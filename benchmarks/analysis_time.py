@@ -7,18 +7,17 @@ forward and backward analysis, fp8_plan) and of the Dynamo capture, median over 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch   # noqa: E402
 
-import munit_compile as munit  # noqa: E402
-from benchmarks.common import environment, record  # noqa: E402
-from munit_compile.passes.values import Moments  # noqa: E402
+import munit_compile as munit   # noqa: E402
+from benchmarks.common import benchmark_parser, environment, record  # noqa: E402
+from munit_compile.passes.values import Moments   # noqa: E402
 
 
 def transformers_init(p: torch.Tensor) -> Moments:
@@ -53,7 +52,7 @@ def run_once(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks analysis-time", description=__doc__.splitlines()[0])
+    parser = benchmark_parser("analysis-time", __doc__, "a 2-layer d=256 model, one run", plot=False)
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=32)
@@ -62,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="write the result here")
-    parser.add_argument("--smoke", action="store_true", help="a 2-layer d=256 model, one run")
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.width, args.heads, args.ffn, args.vocab, args.seq, args.repeats = 2, 256, 4, 512, 1024, 128, 1

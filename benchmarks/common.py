@@ -1,6 +1,7 @@
 """What every benchmark result records about where it ran, and how results are written."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -54,6 +55,17 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def benchmark_parser(name: str, doc: str, smoke: str, plot: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark shares: --json, --png (where it draws a plot) and --smoke (`smoke`
+    says what the tiny version runs)."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=doc.splitlines()[0])
+    p.add_argument("--json", help="write the result here" + (" (the plot goes next to it)" if plot else ""))
+    if plot:
+        p.add_argument("--png", help="where to write the plot")
+    p.add_argument("--smoke", action="store_true", help=smoke)
+    return p
 
 
 HISTORY = os.path.join(os.path.dirname(__file__), "results", "history.jsonl")

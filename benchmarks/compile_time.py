@@ -9,7 +9,6 @@ over the graphs Dynamo captured), so a slow pass is named.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -17,10 +16,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch   # noqa: E402
 
-import munit_compile as munit  # noqa: E402
-from benchmarks.common import environment, publish, pyplot, save_figure  # noqa: E402
+import munit_compile as munit   # noqa: E402
+from benchmarks.common import benchmark_parser, environment, publish, pyplot, save_figure  # noqa: E402
 
 TARGET_RATIO = 1.2  # the issue's target: munit compiles within 20 % of Inductor
 
@@ -119,11 +118,8 @@ def headline(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks compile-time", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the result here (the plot goes next to it)")
-    parser.add_argument("--png", help="where to write the plot")
+    parser = benchmark_parser("compile-time", __doc__, "one tiny GPT, one repeat, no warm-up: plumbing only")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="one tiny GPT, one repeat, no warm-up: plumbing only")
     args = parser.parse_args(argv)
     models, repeats = (SMOKE_MODELS, 1) if args.smoke else (MODELS, args.repeats)
     print(f"compile-time: {len(models)} models, median of {repeats}, caches off", file=sys.stderr)

@@ -9,7 +9,6 @@ reports its median; only ratios measured in this one run are meaningful.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -17,7 +16,7 @@ import time
 import torch
 
 import munit_compile as munit
-from benchmarks.common import environment, record
+from benchmarks.common import benchmark_parser, environment, record
 from munit_compile.models import GPT, GPTConfig
 
 VARIANTS = ("eager", "inductor", "munit")
@@ -46,15 +45,13 @@ def headline(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks cpu-step", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the result here")
+    parser = benchmark_parser("cpu-step", __doc__, "a tiny model, 2 timed steps", plot=False)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 timed steps")
     args = parser.parse_args(argv)
     if args.smoke:
         args.width, args.layers, args.seq, args.batch, args.steps, args.warmup = 64, 1, 32, 2, 2, 1

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, publish, pyplot, save_figure
+from benchmarks.common import benchmark_parser, environment, publish, pyplot, save_figure
 from benchmarks.quality import parse_exponents
 from benchmarks.sweep import best, bracket, interpolated_optimum
 from benchmarks.training import Recipe, load_corpus
@@ -22,11 +22,8 @@ SMOKE = dict(layers=2, heads=2, seq=32, batch=8, steps=20, eval_every=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks lr-transfer", description=__doc__.splitlines()[0])
+    p = benchmark_parser("lr-transfer", __doc__, "two tiny widths, two LRs, 20 steps: plumbing only")
     p.add_argument("--corpus", help="text file (default ../shared/data/shakespeare.txt)")
-    p.add_argument("--json", help="write the result here (the plot goes next to it)")
-    p.add_argument("--png", help="where to write the plot")
-    p.add_argument("--smoke", action="store_true", help="two tiny widths, two LRs, 20 steps: plumbing only")
     p.add_argument("--widths", default="32,64,128,256")
     p.add_argument("--base-width", type=int, default=32, help="μS: the width at which hidden LR = lr")
     p.add_argument("--steps", type=int, default=600)

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import replace
 
-from benchmarks.common import environment, publish, pyplot, save_figure
+from benchmarks.common import benchmark_parser, environment, publish, pyplot, save_figure
 from benchmarks.sweep import best, bracket
 from benchmarks.training import Recipe, load_corpus, train
 
@@ -31,11 +31,8 @@ def parse_exponents(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.splitlines()[0])
+    p = benchmark_parser("quality", __doc__, "a tiny model for 30 steps: checks the plumbing only")
     p.add_argument("--corpus", help="text file (default ../shared/data/shakespeare.txt; held-out works = validation)")
-    p.add_argument("--json", help="write the result here (a PNG of the curves goes next to it)")
-    p.add_argument("--png", help="where to write the loss-curve plot")
-    p.add_argument("--smoke", action="store_true", help="a tiny model for 30 steps: checks the plumbing only")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

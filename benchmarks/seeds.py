@@ -13,16 +13,14 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-from benchmarks.common import environment, record
+from benchmarks.common import benchmark_parser, environment, record
 from benchmarks.quality import SMOKE
 from benchmarks.training import Recipe, load_corpus, train_all
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks seeds", description=__doc__.splitlines()[0])
+    p = benchmark_parser("seeds", __doc__, "a tiny model, 2 seeds, 30 steps: plumbing only", plot=False)
     p.add_argument("--corpus", help="text file (default ../shared/data/shakespeare.txt)")
-    p.add_argument("--json", help="write the result here")
-    p.add_argument("--smoke", action="store_true", help="a tiny model, 2 seeds, 30 steps: plumbing only")
     p.add_argument("--from", dest="source", help="a quality JSON: take its best LRs, steps and recipe")
     p.add_argument("--sp-lr", type=float, default=2**-10)
     p.add_argument("--mus-lr", type=float, default=2**-5)
@@ -64,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     trained = train_all([replace(recipes[name], seed=s) for name, s in order], corpus, args.jobs)
     for name, recipe in recipes.items():
         losses = [r["final_val_loss"] for (n, _), r in zip(order, trained) if n == name]
-        result_runs[name] = {"lr": recipe.lr, "seeds": seeds, "final_val_loss": losses,
-                             "mean": statistics.fmean(losses), "std": statistics.pstdev(losses),
+        result_runs[name] = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "seeds": seeds,
+                             "final_val_loss": losses, "mean": statistics.fmean(losses), "std": statistics.pstdev(losses),
                              "range": max(losses) - min(losses)}
         print(f"{name:9s} lr {recipe.lr:.3g}: mean {result_runs[name]['mean']:.4f} ± {result_runs[name]['std']:.4f} "
               f"(range {result_runs[name]['range']:.4f}) over {len(seeds)} seeds")
     result = {"benchmark": "seeds", **environment(), "corpus": corpus.description, "smoke": args.smoke,
               "tokens": base.steps * base.batch * base.seq, "runs": result_runs,
-              "recipe": {k: v for k, v in asdict(base).items() if k not in ("lr", "seed", "parametrization", "precision")}, "seconds": time.perf_counter() - start}
+              "recipe": {k: v for k, v in asdict(base).items()
+                         if k not in ("lr", "seed", "parametrization", "precision", "weight_decay")},
+              "seconds": time.perf_counter() - start}
     record(result, args.json, headline(result))
     return 0
 
