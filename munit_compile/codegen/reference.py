@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from munit_compile.codegen import epilogue
-from munit_compile.ops.formats import cast_fp8
+from munit_compile.ops.formats import cast_fp8, fp8_format
 
 
 def fp8_gemm(
@@ -23,9 +23,23 @@ def fp8_gemm(
 
     a is [M,K], b_t is [N,K] ("TN": both K-major, as Hopper FP8 wgmma wants), q() the saturating FP8 cast.
     """
-    a_fp8 = cast_fp8(a, a_format, a_scale)
-    b_fp8 = cast_fp8(b_t, b_format, b_scale)
-    return scaled_mm(a_fp8, b_fp8, 1.0 / (a_scale * b_scale), out_dtype=out_dtype)
+    return scaled_mm(quantized(a, a_format, a_scale), quantized(b_t, b_format, b_scale), 1.0 / (a_scale * b_scale),
+                     out_dtype=out_dtype)
+
+
+def quantized(t: torch.Tensor, fmt: str, scale: float) -> torch.Tensor:
+    """q(t·s) in FP8 `fmt`; a tensor already in that FP8 dtype is taken as that cast (a saved FP8 copy)."""
+    return t if t.dtype == fp8_format(fmt).dtype else cast_fp8(t, fmt, scale)
+
+
+def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """[..., N] as [M, N] (None stays None)."""
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
+def linear_out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """fp8_linear's output dtype: x's, promoted with the residual's when the residual add is fused."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
 def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: torch.Tensor | None = None,
@@ -58,12 +72,21 @@ def fp8_linear(
     alpha: float = 1.0,
     activation: str = "none",
     out_dtype: torch.dtype | None = None,
+    *,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    c_skip: float = 1.0,
+    c_branch: float = 1.0,
+    x_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = act(α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias)): fp32 accumulate, scale, bias, α and the
-    activation in fp32 (`epilogue.apply`), rounded once to out_dtype (default x.dtype)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    out = scaled_mm(cast_fp8(x2, fwd_format, x_scale), cast_fp8(w, fwd_format, w_scale), 1.0 / (x_scale * w_scale),
-                    bias, alpha, out_dtype=x.dtype if out_dtype is None else out_dtype, activation=activation)
+    """y = c_skip·r + c_branch·act(α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias))·gate: fp32 accumulate, every
+    epilogue step in fp32 (`epilogue.apply`), rounded once to out_dtype (default `linear_out_dtype`).
+    x_q, if given, is q(x·s_x) already cast (FP8): the GEMM reads it instead of casting x."""
+    x2 = (x_q if x_q is not None else x).reshape(-1, x.shape[-1])
+    out = scaled_mm(quantized(x2, fwd_format, x_scale), cast_fp8(w, fwd_format, w_scale), 1.0 / (x_scale * w_scale),
+                    bias, alpha, out_dtype=linear_out_dtype(x, residual) if out_dtype is None else out_dtype,
+                    activation=activation, gate=rows(gate), residual=rows(residual),
+                    c_skip=c_skip, c_branch=c_branch)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -26,12 +26,15 @@ saves anyway) rather than returning z as a second output to be saved:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from munit_compile.codegen import reference
+from munit_compile.codegen import epilogue, reference
 from munit_compile.codegen.select import kernels_for
-from munit_compile.ops.formats import check_scale, fp8_format
+from munit_compile.ops.formats import FP8_FORMATS, check_scale, fp8_format
+
+FP8_DTYPES = {spec.dtype for spec in FP8_FORMATS.values()}
 
 
 @torch.library.custom_op("munit::fp8_gemm", mutates_args=())
@@ -44,7 +47,8 @@ def fp8_gemm(
     b_format: str,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """[M,K] x [N,K] -> [M,N]: (q(a·s_a) @ q(b_t·s_b)ᵀ)/(s_a·s_b) in out_dtype (no autograd: a backward GEMM)."""
+    """[M,K] x [N,K] -> [M,N]: (q(a·s_a) @ q(b_t·s_b)ᵀ)/(s_a·s_b) in out_dtype (no autograd: a backward GEMM).
+    An operand already in its format's FP8 dtype is taken as q(·s) itself (a saved FP8 copy)."""
     _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format)
     return kernels_for(a).fp8_gemm(a, b_t, a_scale, b_scale, a_format, b_format, out_dtype)
 
@@ -67,50 +71,106 @@ def fp8_linear(
     grad_format: str,
     alpha: float = 1.0,
     activation: str = "none",
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    c_skip: float = 1.0,
+    c_branch: float = 1.0,
+    x_q: torch.Tensor | None = None,
+    grad_multiplier: float = 1.0,
 ) -> torch.Tensor:
-    """y[..., N] = act(α·(x[..., K] @ w[N, K]ᵀ + bias)) with static-scaled FP8 operands; output in x.dtype."""
-    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation)
-    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation)
+    """y[..., N] = c_skip·r + c_branch·act(α·(x[..., K] @ w[N, K]ᵀ + bias))·gate, static-scaled FP8 operands
+    (x_q: x's FP8 copy, already cast); output in x.dtype (promoted with the residual's). Backward multiplies
+    the gradient of the pre-activation z by grad_multiplier (a folded `munit::grad_scale`) before its cast."""
+    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
+                       residual, c_skip, c_branch, x_q, grad_multiplier)
+    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation, gate=gate,
+                                     residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q)
 
 
 @fp8_linear.register_fake
-def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none"):
-    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation)
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none",
+                     gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0):
+    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
+                       residual, c_skip, c_branch, x_q, grad_multiplier)
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=reference.linear_out_dtype(x, residual))
+
+
+@dataclass(frozen=True)
+class _Epilogue:
+    """What backward needs to know of the forward's epilogue (the op's non-tensor arguments)."""
+
+    alpha: float = 1.0
+    activation: str = "none"
+    has_gate: bool = False
+    residual_dtype: torch.dtype | None = None
+    c_skip: float = 1.0
+    c_branch: float = 1.0
+    grad_multiplier: float = 1.0
+
+    @property
+    def needs_z(self) -> bool:
+        """act′(z) or act(z) (the gate's gradient) is needed: backward recomputes z (module docstring)."""
+        return self.activation != "none" or self.has_gate
 
 
 def _fp8_linear_setup_context(ctx, inputs, output):
     x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, *rest = inputs
-    ctx.alpha = rest[0] if rest else 1.0
-    ctx.activation = rest[1] if len(rest) > 1 else "none"
-    # with an activation, backward recomputes z = α·(x Wᵀ + b): it needs the bias as well
-    ctx.save_for_backward(*((x, w, bias) if ctx.activation != "none" else (x, w)))
+    alpha, activation, gate, residual, c_skip, c_branch, x_q, grad_multiplier = (*rest, *_LINEAR_DEFAULTS[len(rest):])
+    ctx.epilogue = _Epilogue(alpha, activation, gate is not None, None if residual is None else residual.dtype,
+                             c_skip, c_branch, grad_multiplier)
+    # backward reads x only through its FP8 cast: with x_q given, that copy (1 byte/element) is what is saved
+    ctx.save_for_backward(x if x_q is None else x_q, w, bias, gate)
+    ctx.x_meta = (x.shape, x.dtype)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.scales = (x_scale, w_scale, grad_scale)
     ctx.formats = (fwd_format, grad_format)
 
 
+def _epilogue_backward(ctx, x_saved, w, bias, gate, grad_y):
+    """(dz, d_gate, d_residual) from dy for y = c_skip·r + c_branch·act(z)·gate (z recomputed in fp32)."""
+    ep = ctx.epilogue
+    grad_residual = None if ep.residual_dtype is None else _scaled(grad_y, ep.c_skip, ep.residual_dtype)
+    grad_h = grad_y if ep.c_branch == 1.0 else grad_y.to(torch.float32) * ep.c_branch
+    if not ep.needs_z:
+        return grad_h, None, grad_residual
+    x_scale, w_scale, _ = ctx.scales
+    z = kernels_for(x_saved).fp8_linear(x_saved, w, bias, x_scale, w_scale, ctx.formats[0], ep.alpha, "none",
+                                        torch.float32)
+    grad_h, grad_gate = grad_h.to(torch.float32), None
+    if gate is not None:
+        grad_gate = (grad_h * epilogue.ACTIVATIONS[ep.activation](z)).to(gate.dtype)
+        grad_h = grad_h * gate.to(torch.float32)
+    grad_z = grad_h if ep.activation == "none" else ACTIVATION_GRADS[ep.activation](grad_h, z)
+    return grad_z, grad_gate, grad_residual
+
+
 def _fp8_linear_backward(ctx, grad_y):
-    x, w, *bias = ctx.saved_tensors
+    x_saved, w, bias, gate = ctx.saved_tensors
     x_scale, w_scale, grad_scale = ctx.scales
     fwd_format, grad_format = ctx.formats
-    if ctx.activation != "none":  # dz = act′(z)·dy at the fp32 pre-activation z, recomputed (module docstring)
-        z = kernels_for(x).fp8_linear(x, w, bias[0], x_scale, w_scale, fwd_format, ctx.alpha, "none", torch.float32)
-        grad_y = ACTIVATION_GRADS[ctx.activation](grad_y.to(torch.float32), z)
-    g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    alpha = ctx.alpha
+    x_shape, x_dtype = ctx.x_meta
+    grad_z, grad_gate, grad_residual = _epilogue_backward(ctx, x_saved, w, bias, gate, grad_y)
+    if ctx.epilogue.grad_multiplier != 1.0:
+        grad_z = grad_z * ctx.epilogue.grad_multiplier
+    g2 = grad_z.reshape(-1, grad_z.shape[-1])
+    x2 = x_saved.reshape(-1, x_shape[-1])
+    alpha = ctx.epilogue.alpha
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _scaled(fp8_gemm(g2, w.t(), grad_scale, w_scale, grad_format, fwd_format, _acc(x.dtype, alpha)), alpha, x.dtype)
-        grad_x = grad_x.reshape(x.shape)
+        grad_x = _scaled(fp8_gemm(g2, w.t(), grad_scale, w_scale, grad_format, fwd_format, _acc(x_dtype, alpha)), alpha, x_dtype)
+        grad_x = grad_x.reshape(x_shape)
     if ctx.needs_input_grad[1]:
         grad_w = _scaled(fp8_gemm(g2.t(), x2.t(), grad_scale, x_scale, grad_format, fwd_format, _acc(w.dtype, alpha)), alpha, w.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = (g2.to(torch.float32).sum(0) * alpha).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+    return (grad_x, grad_w, grad_b, None, None, None, None, None, None, None, grad_gate, grad_residual, None, None,
+            None, None)
 
+
+# fp8_linear's arguments after grad_format, with their defaults: (alpha, activation, gate, residual, c_skip,
+# c_branch, x_q, grad_multiplier); `passes.fuse` reads the names from the op's schema
+_LINEAR_DEFAULTS = (1.0, "none", None, None, 1.0, 1.0, None, 1.0)
 
 # activation -> (dy, z) -> act′(z)·dy, both fp32: aten's own backward formulas, the ones autograd uses for
 # the unfused aten.gelu / aten.silu / aten.relu (so fused and unfused backward differ only by z's rounding)
@@ -128,7 +188,8 @@ def _acc(dtype: torch.dtype, alpha: float) -> torch.dtype:
 
 
 def _scaled(t: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    return t if alpha == 1.0 else (t * alpha).to(dtype)
+    """α·t in dtype, rounded once (t itself when α = 1)."""
+    return t.to(dtype) if alpha == 1.0 else (t.to(torch.float32) * alpha).to(dtype)
 
 
 fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup_context)
@@ -144,10 +205,14 @@ def _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format):
         raise ValueError("munit::fp8_gemm: E5M2 x E5M2 is not allowed; one operand must be E4M3")
     check_scale(a_scale, "munit::fp8_gemm a_scale")
     check_scale(b_scale, "munit::fp8_gemm b_scale")
+    for name, t, fmt in (("a", a, a_format), ("b_t", b_t, b_format)):
+        if t.dtype in FP8_DTYPES and t.dtype != fp8_format(fmt).dtype:
+            raise ValueError(f"munit::fp8_gemm: {name} is already FP8 ({t.dtype}) but its format is {fmt!r}")
 
 
 def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
-                       activation="none"):
+                       activation="none", gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None,
+                       grad_multiplier=1.0):
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(
             f"munit::fp8_linear needs x[..., K] and w[N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
@@ -167,3 +232,16 @@ def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, gra
     if activation != "none" and activation not in ACTIVATION_GRADS:
         raise ValueError(f"munit::fp8_linear: unknown activation {activation!r}; use one of "
                          f"{['none', *sorted(ACTIVATION_GRADS)]}")
+    out_shape = (*x.shape[:-1], w.shape[0])
+    for name, t in (("gate", gate), ("residual", residual)):
+        if t is not None and (tuple(t.shape) != out_shape or not t.dtype.is_floating_point):
+            raise ValueError(f"munit::fp8_linear {name} must be a float tensor of the output's shape {out_shape}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if residual is None and (c_skip, c_branch) != (1.0, 1.0):
+        raise ValueError(f"munit::fp8_linear: c_skip={c_skip}, c_branch={c_branch} weight a residual add; pass residual")
+    for name, c in (("c_skip", c_skip), ("c_branch", c_branch), ("grad_multiplier", grad_multiplier)):
+        if not (isinstance(c, float) and math.isfinite(c)):
+            raise ValueError(f"munit::fp8_linear {name} must be a finite float, got {c!r}")
+    if x_q is not None and (tuple(x_q.shape) != tuple(x.shape) or x_q.dtype != fp8_format(fwd_format).dtype):
+        raise ValueError(f"munit::fp8_linear x_q must be x's {fwd_format} copy: shape {tuple(x.shape)}, dtype "
+                         f"{fp8_format(fwd_format).dtype}; got {x_q.dtype} {tuple(x_q.shape)}")

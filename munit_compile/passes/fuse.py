@@ -1,66 +1,178 @@
-"""Fold the ops that follow an FP8 GEMM into its epilogue: a table of (match, rewrite) patterns.
+"""Fold the ops around an FP8 GEMM into it: a table of (match, rewrite) patterns over the munit graph.
 
-    before: fp8 = munit.fp8_linear.default(x, w, b, s_x, s_w, s_g, "e4m3", "e5m2")     # z, rounded to x.dtype
-            act = aten.gelu.default(fp8, approximate="tanh")                           # act(z), rounded again
-    after:  act = munit.fp8_linear.default(x, w, b, s_x, s_w, s_g, "e4m3", "e5m2", 1.0, "gelu_tanh")
-                                                                                        # act(z) from fp32 z, rounded once
+    before: g = munit.fp8_linear(x, Wg, None, s_x, s_w, s_g, "e4m3", "e5m2")     # each op rounds to x.dtype
+            u = munit.fp8_linear(x, Wu, None, s_x, s_w, s_g', "e4m3", "e5m2")     # and casts x again
+            h = aten.mul(aten.silu(g), u)
+            y = aten.add(r, munit.fp8_linear(h, Wd, ...), alpha=c)
+    after:  x_q = munit.quantize(x, s_x, "e4m3")                                  # one cast, fused into x's producer
+            u = munit.fp8_linear(x, Wu, ..., x_q=x_q)
+            h = munit.fp8_linear(x, Wg, ..., activation="silu", gate=u, x_q=x_q)  # silu(z)·u from fp32 z
+            y = munit.fp8_linear(h, Wd, ..., residual=r, c_branch=c, x_q=munit.quantize(h, ...))
 
-A pattern is a `Fusion`: `match(node)` returns what the rewrite needs, or None to decline (eligibility
-apart from rewrite); `rewrite(gm, match)` edits the graph and returns the fused op's node, whose
-arguments name the kernel the GEMM now runs as (`kernel_of`; the report's `fused_kernel`). The pass tries the patterns in table order at every node,
-once, and counts which fired. The rewritten node keeps the replaced node's metadata (`val`, σ forward
-and backward), so `meta` stays current; the graph is linted after the pass (pipeline).
+The patterns (`FUSIONS`, tried in order at every node until none fires):
+- gemm_activation   act(fp8_linear)          → activation epilogue (gelu, gelu_tanh, silu, relu)
+- gemm_gate         fp8_linear · t           → gate epilogue (SwiGLU: silu(x Wgᵀ)·(x Wuᵀ))
+- gemm_residual     c₁·r + c₂·fp8_linear     → residual epilogue (fixed-τ: c₁ = √(1−τ), c₂ = √τ)
+- fp8_input         every FP8 GEMM reading x → one `munit.quantize(x)` shared by them; backward saves it
+Each `match(node)` returns what its rewrite needs, or None to decline; a match needs the GEMM's output to
+have no other reader (fusing would have to write it too). Rewritten GEMMs keep their FP8 plan, and the
+fused node takes the replaced root's metadata (`val`, σ forward and backward). `kernel_of` names the kernel
+a GEMM runs as (the report's `fused_kernel`): "fp8_gemm+silu+gate", "fp8_gemm+residual <- fp8 x", ...
 
-Patterns not written yet (issue 5): norm → FP8 prologue (`codegen.triton.norm_cast`), the SwiGLU gate
-product and the residual add in the epilogue, FP8 output for the next GEMM, saved FP8 copies for backward.
-GPT-2's `gelu_new` is traced as its written-out formula (mul, pow, add, tanh, ...), not aten.gelu: it is
-not matched.
+Not fused: the GEMM's FP8 output straight into the next GEMM (the next GEMM's cast is a separate `quantize`
+of the BF16 output), and norms into a hand-written prologue kernel (Inductor fuses the quantize into the
+norm's kernel instead). GPT-2's `gelu_new` is traced written out (mul, pow, add, tanh, ...): not matched.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-import munit_compile.ops  # noqa: F401  (registers munit::fp8_linear)
+import munit_compile.ops  # noqa: F401  (registers munit::fp8_linear and munit::quantize)
 from munit_compile.ir import META_PLAN
+from munit_compile.ops.formats import cast_fp8
 
 aten = torch.ops.aten
 FP8_LINEAR = torch.ops.munit.fp8_linear.default
-_LINEAR_DEFAULTS = (1.0, "none")  # fp8_linear's trailing (alpha, activation) defaults
-_N_REQUIRED = 8                    # fp8_linear's arguments before alpha
+QUANTIZE = torch.ops.munit.quantize.default
+GRAD_SCALE = torch.ops.munit.grad_scale.default  # identity forward: transparent, its constant goes to grad_multiplier
+_SCHEMA = FP8_LINEAR._schema.arguments
+LINEAR_PARAMS = tuple(a.name for a in _SCHEMA)  # x, w, bias, x_scale, ..., alpha, activation, gate, ..., x_q
+LINEAR_DEFAULTS = {a.name: a.default_value for a in _SCHEMA if a.has_default_value()}
+_N_REQUIRED = len(LINEAR_PARAMS) - len(LINEAR_DEFAULTS)
 
 
 @dataclass(frozen=True)
 class Fusion:
     name: str
-    match: Callable[[fx.Node], Any]                   # node -> match, or None to decline
-    rewrite: Callable[[fx.GraphModule, Any], fx.Node]  # (gm, match) -> the fused op's node
+    match: Callable[[fx.Node], Any]              # node -> match, or None to decline
+    rewrite: Callable[[fx.GraphModule, Any], None]
 
 
-def linear_args(node: fx.Node) -> tuple:
-    """An fp8_linear node's arguments with alpha and activation filled in (positional or keyword)."""
-    args = list(node.args)
-    for i, (name, default) in enumerate(zip(("alpha", "activation"), _LINEAR_DEFAULTS)):
-        if len(args) <= _N_REQUIRED + i:
-            args.append(node.kwargs.get(name, default))
-    return tuple(args)
+def is_fp8_linear(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is FP8_LINEAR
 
 
-def kernel_name(activation: str) -> str:
-    """The report's name of the FP8 GEMM kernel with this epilogue activation: fp8_gemm, fp8_gemm+gelu, ..."""
-    return "fp8_gemm" if activation == "none" else f"fp8_gemm+{activation}"
+def linear_args(node: fx.Node) -> dict[str, Any]:
+    """An fp8_linear node's arguments by name, defaults filled in (positional or keyword)."""
+    args = dict(zip(LINEAR_PARAMS, node.args))
+    return {name: args.get(name, node.kwargs.get(name, LINEAR_DEFAULTS.get(name))) for name in LINEAR_PARAMS}
+
+
+def _call_args(args: dict[str, Any]) -> tuple[tuple, dict]:
+    """(positional, keyword) for an fp8_linear call: the required arguments, then only non-defaults by name."""
+    required = tuple(args[n] for n in LINEAR_PARAMS[:_N_REQUIRED])
+    return required, {n: args[n] for n in LINEAR_PARAMS[_N_REQUIRED:] if not _is_default(n, args[n])}
+
+
+def _is_default(name: str, value: Any) -> bool:
+    default = LINEAR_DEFAULTS[name]
+    return value is None if default is None else (not isinstance(value, fx.Node) and value == default)
+
+
+def kernel_name(args: dict[str, Any]) -> str:
+    """The report's name of the kernel an fp8_linear with these arguments runs as (module docstring)."""
+    parts = ["fp8_gemm"]
+    parts += [args["activation"]] if args["activation"] != "none" else []
+    parts += ["gate"] if args["gate"] is not None else []
+    parts += ["residual"] if args["residual"] is not None else []
+    return "+".join(parts) + (" <- fp8 x" if args["x_q"] is not None else "")
 
 
 def kernel_of(node: fx.Node) -> str:
-    return kernel_name(linear_args(node)[-1])
+    return kernel_name(linear_args(node))
 
 
-# ---------------------------------------------------------------- pattern 1: FP8 GEMM → activation
+def _only_user(node: fx.Node) -> fx.Node | None:
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    return user if user is not None and user.op == "call_function" else None
+
+
+def _keeps_rows(node: fx.Node) -> bool:
+    """A reshape that only regroups rows (last dim and element count kept): fp8_linear commutes with it."""
+    before, after = _val(node.args[0]), _val(node)
+    return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() >= 1
+            and after.dim() >= 1 and before.shape[-1] == after.shape[-1] and before.numel() == after.numel())
+
+
+def _dropout_off(node: fx.Node) -> bool:
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return p == 0 or train is False
+
+
+# ops between a GEMM and its epilogue op that leave every value as it is (when the predicate holds)
+TRANSPARENT: dict[Any, Callable[[fx.Node], bool]] = {
+    aten.view.default: _keeps_rows,
+    aten.reshape.default: _keeps_rows,
+    aten._unsafe_view.default: _keeps_rows,
+    aten.alias.default: lambda node: True,
+    aten.dropout.default: _dropout_off,
+}
+
+
+def _epilogue_user(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """(the op that reads node's value, the transparent single-reader ops passed on the way), or None."""
+    chain, user = [], _only_user(node)
+    while user is not None and (user.target is GRAD_SCALE or user.target in TRANSPARENT
+                                and TRANSPARENT[user.target](user)):
+        chain.append(user)
+        user = _only_user(user)
+    return (user, tuple(chain)) if user is not None else None
+
+
+def _grad_multiplier(chain: tuple[fx.Node, ...]) -> float:
+    """The product of the `munit::grad_scale` constants in a chain (what z's gradient is multiplied by)."""
+    return math.prod(float(n.args[1]) for n in chain if n.target is GRAD_SCALE)
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _same_tensor_type(a: Any, b: Any) -> bool:
+    va, vb = _val(a), _val(b)
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+            and va.dtype == vb.dtype)
+
+
+def _replace_with_linear(gm: fx.GraphModule, m: "_Epilogue") -> fx.Node:
+    """Put fp8_linear(gemm's arguments + m.changes) where the epilogue op (root) is: it takes root's value
+    and users and keeps gemm's FP8 plan; root, the transparent chain and gemm are erased. A chain that
+    regrouped rows is applied to x (and x_q) instead: fp8_linear works row by row."""
+    args = {**linear_args(m.gemm), **m.changes}
+    args["grad_multiplier"] *= _grad_multiplier(m.chain)
+    with gm.graph.inserting_before(m.root):
+        if m.chain and _val(m.chain[-1]).shape != _val(m.gemm).shape:
+            rows = list(_val(m.chain[-1]).shape[:-1])
+            for name in ("x", "x_q"):
+                if args[name] is not None:
+                    args[name] = _reshape(gm, args[name], [*rows, _val(args[name]).shape[-1]])
+        positional, keyword = _call_args(args)
+        fused = gm.graph.call_function(FP8_LINEAR, positional, keyword)
+    fused.meta.update(m.root.meta)
+    if META_PLAN in m.gemm.meta:
+        fused.meta[META_PLAN] = m.gemm.meta[META_PLAN]
+    m.root.replace_all_uses_with(fused)
+    for node in (m.root, *reversed(m.chain), m.gemm):
+        gm.graph.erase_node(node)
+    return fused
+
+
+def _reshape(gm: fx.GraphModule, node: fx.Node, shape: list[int]) -> fx.Node:
+    reshaped = gm.graph.call_function(aten.reshape.default, (node, shape))
+    reshaped.meta["val"] = node.meta["val"].reshape(shape)
+    return reshaped
+
+
+# ---------------------------------------------------------------- gemm_activation: act(fp8_linear)
 
 def _gelu_activation(node: fx.Node) -> str | None:
     approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
@@ -76,63 +188,175 @@ ACTIVATION_OPS: dict[Any, Callable[[fx.Node], str | None]] = {
 
 
 @dataclass(frozen=True)
-class _GemmActivation:
+class _Epilogue:
     gemm: fx.Node
-    act: fx.Node
-    activation: str
+    root: fx.Node                 # the epilogue op the fused GEMM replaces
+    changes: dict[str, Any]       # fp8_linear arguments the fused op sets
+    chain: tuple[fx.Node, ...]    # transparent ops between gemm and root (`TRANSPARENT`)
 
 
-def _match_gemm_activation(node: fx.Node) -> _GemmActivation | None:
-    """An fp8_linear without an activation whose only user is an activation of its output, same dtype."""
-    if node.op != "call_function" or node.target is not FP8_LINEAR or linear_args(node)[-1] != "none":
+def _bare_epilogue(args: dict[str, Any], *steps: str) -> bool:
+    """None of these epilogue steps (and none after them: act → gate → residual) is fused yet."""
+    after = {"activation": ("activation", "gate", "residual"), "gate": ("gate", "residual"), "residual": ("residual",)}
+    names = {n for step in steps for n in after[step]}
+    return all(_is_default(n, args[n]) for n in names)
+
+
+def _reader(node: fx.Node) -> tuple[fx.Node, fx.Node, tuple[fx.Node, ...]] | None:
+    """For an FP8 GEMM node: (its epilogue op, the value that op reads, the transparent chain between).
+    A `grad_scale` in the chain scales z's gradient only while nothing is fused yet (it sits right after z)."""
+    found = _epilogue_user(node) if is_fp8_linear(node) else None
+    if found is None or (_grad_multiplier(found[1]) != 1.0
+                         and not _bare_epilogue(linear_args(node), "activation")):
         return None
-    if len(node.users) != 1:
-        return None  # z itself is needed elsewhere: fusing would have to write it too
-    (user,) = node.users
-    name_of = ACTIVATION_OPS.get(user.target) if user.op == "call_function" else None
-    if name_of is None or not user.args or user.args[0] is not node:
+    return found[0], found[1][-1] if found[1] else node, found[1]
+
+
+def _match_gemm_activation(node: fx.Node) -> _Epilogue | None:
+    """An fp8_linear with a bare epilogue whose only reader is an activation of its output, same dtype."""
+    found = _reader(node)
+    if found is None or not _bare_epilogue(linear_args(node), "activation"):
+        return None
+    user, value, chain = found
+    name_of = ACTIVATION_OPS.get(user.target)
+    if name_of is None or not user.args or user.args[0] is not value:
         return None
     activation = name_of(user)
-    if activation is None or user.meta["val"].dtype != node.meta["val"].dtype:
+    if activation is None or not _same_tensor_type(user, value):
         return None
-    return _GemmActivation(node, user, activation)
+    return _Epilogue(node, user, {"activation": activation}, chain)
 
 
-def _rewrite_gemm_activation(gm: fx.GraphModule, m: _GemmActivation) -> fx.Node:
-    with gm.graph.inserting_before(m.act):
-        fused = gm.graph.call_function(FP8_LINEAR, linear_args(m.gemm)[:-1] + (m.activation,))
-    fused.meta.update(m.act.meta)  # its value is the activation's: val, σ forward and backward
-    m.act.replace_all_uses_with(fused)
-    gm.graph.erase_node(m.act)
-    gm.graph.erase_node(m.gemm)
-    return fused
+# ---------------------------------------------------------------- gemm_gate: fp8_linear · t
+
+def _match_gemm_gate(node: fx.Node) -> _Epilogue | None:
+    """fp8_linear (no gate or residual yet) times a tensor of its shape and dtype, its only reader; of two
+    FP8 GEMM factors, the one with the activation."""
+    found = _reader(node)
+    if found is None or not _bare_epilogue(linear_args(node), "gate"):
+        return None
+    user, value, chain = found
+    if user.target is not aten.mul.Tensor or len(user.args) != 2 or user.kwargs:
+        return None
+    (other,) = [a for a in user.args if a is not value] or (None,)
+    if other is None or not (_same_tensor_type(other, value) and _same_tensor_type(user, value)):
+        return None
+    if _has_activation(other) and not _has_activation(node):
+        return None  # SwiGLU: the factor with the activation takes the other as its gate (it matches itself)
+    return _Epilogue(node, user, {"gate": other}, chain)
+
+
+def _has_activation(node: Any) -> bool:
+    return is_fp8_linear(node) and linear_args(node)["activation"] != "none"
+
+
+# ---------------------------------------------------------------- gemm_residual: c₁·r + c₂·fp8_linear
+
+def _skip_and_coefficient(r: fx.Node) -> tuple[fx.Node, float]:
+    """r = mul(skip, c) with a constant c and no other reader folds into (skip, c); otherwise (r, 1)."""
+    if r.op == "call_function" and r.target is aten.mul.Tensor and len(r.users) == 1 and len(r.args) == 2:
+        tensors = [a for a in r.args if isinstance(a, fx.Node)]
+        constants = [a for a in r.args if isinstance(a, Real) and not isinstance(a, bool)]
+        if len(tensors) == 1 and len(constants) == 1 and _same_tensor_type(tensors[0], r):
+            return tensors[0], float(constants[0])
+    return r, 1.0
+
+
+def _match_gemm_residual(node: fx.Node) -> _Epilogue | None:
+    """add(r, fp8_linear, alpha=c) or add(fp8_linear, r, alpha=c), r of the output's shape, its only reader."""
+    found = _reader(node)
+    if found is None or not _bare_epilogue(linear_args(node), "residual"):
+        return None
+    user, value, chain = found
+    if user.target is not aten.add.Tensor or len(user.args) != 2 or set(user.kwargs) - {"alpha"}:
+        return None
+    a, b = user.args
+    alpha = user.kwargs.get("alpha", 1)
+    if a is b or value not in (a, b) or not isinstance(alpha, Real) or isinstance(alpha, bool):
+        return None
+    r = b if a is value else a
+    r_val, y_val, out_val = _val(r), _val(value), _val(user)
+    if not all(isinstance(v, torch.Tensor) for v in (r_val, y_val, out_val)):
+        return None
+    if r_val.shape != y_val.shape or out_val.shape != y_val.shape or not r_val.dtype.is_floating_point:
+        return None
+    if out_val.dtype != torch.promote_types(y_val.dtype, r_val.dtype):
+        return None
+    skip, c = _skip_and_coefficient(r)
+    c_skip, c_branch = (c, float(alpha)) if b is value else (c * float(alpha), 1.0)  # add(a, b) = a + alpha·b
+    return _Epilogue(node, user, {"residual": skip, "c_skip": c_skip, "c_branch": c_branch}, chain)
+
+
+def _rewrite_epilogue(gm: fx.GraphModule, m: _Epilogue) -> None:
+    scaled_skip = next((a for a in m.root.args if isinstance(a, fx.Node) and a is not m.gemm
+                        and a not in m.chain), None)
+    _replace_with_linear(gm, m)
+    if "residual" in m.changes and scaled_skip is not m.changes["residual"] and not scaled_skip.users:
+        gm.graph.erase_node(scaled_skip)  # the mul(skip, c) folded into c_skip
+
+
+# ---------------------------------------------------------------- fp8_input: one shared, saved FP8 copy of x
+
+@dataclass(frozen=True)
+class _SharedInput:
+    x: fx.Node
+    x_scale: float
+    fmt: str
+    readers: tuple[fx.Node, ...]  # the FP8 GEMMs that read x with this scale and format, in graph order
+
+
+def _match_fp8_input(node: fx.Node) -> _SharedInput | None:
+    """An FP8 GEMM that casts its x itself; with it, every other one casting the same x the same way."""
+    if not is_fp8_linear(node):
+        return None
+    args = linear_args(node)
+    if args["x_q"] is not None or not isinstance(_val(args["x"]), torch.Tensor):
+        return None
+    key = (args["x"], args["x_scale"], args["fwd_format"])
+    readers = [u for u in args["x"].users if is_fp8_linear(u) and linear_args(u)["x_q"] is None
+               and (linear_args(u)["x"], linear_args(u)["x_scale"], linear_args(u)["fwd_format"]) == key]
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return _SharedInput(*key, tuple(sorted(readers, key=order.__getitem__)))
+
+
+def _rewrite_fp8_input(gm: fx.GraphModule, m: _SharedInput) -> None:
+    with gm.graph.inserting_before(m.readers[0]):
+        x_q = gm.graph.call_function(QUANTIZE, (m.x, m.x_scale, m.fmt))
+    x_q.meta["val"] = cast_fp8(m.x.meta["val"], m.fmt, m.x_scale)
+    for reader in m.readers:
+        reader.args, reader.kwargs = _call_args({**linear_args(reader), "x_q": x_q})
 
 
 FUSIONS: tuple[Fusion, ...] = (
-    Fusion("gemm_activation", _match_gemm_activation, _rewrite_gemm_activation),
+    Fusion("gemm_activation", _match_gemm_activation, _rewrite_epilogue),
+    Fusion("gemm_gate", _match_gemm_gate, _rewrite_epilogue),
+    Fusion("gemm_residual", _match_gemm_residual, _rewrite_epilogue),
+    Fusion("fp8_input", _match_fp8_input, _rewrite_fp8_input),
 )
 
 
 def fuse(gm: fx.GraphModule, fusions: tuple[Fusion, ...] = FUSIONS) -> tuple[dict[str, str], Counter]:
-    """Apply the first matching pattern at every node; return ({GEMM decision's node: fused kernel},
-    {pattern name: times it fired})."""
-    kernels, fired = {}, Counter()
-    alive = set(gm.graph.nodes)
-    for node in list(gm.graph.nodes):
-        if node not in alive:  # erased by an earlier rewrite
-            continue
-        for fusion in fusions:
-            match = fusion.match(node)
-            if match is None:
+    """Apply the first matching pattern at every node, sweeping until none matches; return
+    ({GEMM decision's node: kernel it runs as}, {pattern name: times it fired})."""
+    fired = Counter()
+    while True:
+        fired_before = sum(fired.values())
+        for node in list(gm.graph.nodes):
+            if node._erased:  # erased by an earlier rewrite in this sweep
                 continue
-            plan = node.meta.get(META_PLAN)
-            fused = fusion.rewrite(gm, match)
-            if plan is not None:
-                fused.meta[META_PLAN] = dataclasses.replace(plan, fused_kernel=kernel_of(fused))
-                kernels[plan.node] = kernel_of(fused)
-            fired[fusion.name] += 1
-            alive = set(gm.graph.nodes)
+            for fusion in fusions:
+                match = fusion.match(node)
+                if match is not None:
+                    fusion.rewrite(gm, match)
+                    fired[fusion.name] += 1
+                    break
+        if sum(fired.values()) == fired_before:
             break
+    kernels = {}
+    for node in gm.graph.nodes:
+        if is_fp8_linear(node) and META_PLAN in node.meta:
+            plan = node.meta[META_PLAN] = dataclasses.replace(node.meta[META_PLAN], fused_kernel=kernel_of(node))
+            kernels[plan.node] = plan.fused_kernel
     gm.graph.lint()
     gm.recompile()
     return kernels, fired

@@ -8,10 +8,15 @@ from __future__ import annotations
 import torch
 
 from munit_compile.codegen.triton import fp8_gemm as gemm
+from munit_compile.codegen.reference import linear_out_dtype, rows
 from munit_compile.codegen.triton.cast_transpose import cast_transpose
+from munit_compile.ops.formats import fp8_format
 
 
 def _cast(t: torch.Tensor, scale: float, fmt: str) -> torch.Tensor:
+    """q(t·s) through the cast kernel; a tensor already in the format's FP8 dtype is that cast already."""
+    if t.dtype == fp8_format(fmt).dtype:
+        return t
     q, _ = cast_transpose(t, scale, fmt)
     return q
 
@@ -22,9 +27,12 @@ def fp8_gemm(a, b_t, a_scale, b_scale, a_format, b_format, out_dtype):
                           1.0 / (a_scale * b_scale), out_dtype=out_dtype)
 
 
-def fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha=1.0, activation="none", out_dtype=None):
+def fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha=1.0, activation="none", out_dtype=None, *,
+               gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None):
     """As `reference.fp8_linear`."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = (x_q if x_q is not None else x).reshape(-1, x.shape[-1])
     out = gemm.scaled_mm(_cast(x2, x_scale, fwd_format), _cast(w, w_scale, fwd_format), 1.0 / (x_scale * w_scale),
-                         bias, alpha, out_dtype=x.dtype if out_dtype is None else out_dtype, activation=activation)
+                         bias, alpha, out_dtype=linear_out_dtype(x, residual) if out_dtype is None else out_dtype,
+                         activation=activation, gate=rows(gate), residual=rows(residual), c_skip=c_skip,
+                         c_branch=c_branch)
     return out.reshape(*x.shape[:-1], w.shape[0])
