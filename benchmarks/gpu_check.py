@@ -5,8 +5,9 @@
 
 1. GPU tests: the kernel tests (real kernels, bit-exact against the reference) and every `gpu` test.
 2. GEMMs at (M, N, K) = (4096,)*3, (8192,)*3, (16384, 4096, 14336), (16384, 14336, 4096): munit's FP8
-   GEMM with its fused epilogue (bias, μS multiplier, BF16 out) vs `torch._scaled_mm` (bias fused) plus a
-   separate multiplier kernel vs BF16 `torch.mm`; TFLOP/s and ratios.
+   GEMM with its fused epilogue (bias, μS multiplier, BF16 out) in both schedules (tiled; persistent with
+   TMA loads, checked bit-identical to tiled), each in `gemm_configs.config_for`'s tiles, vs
+   `torch._scaled_mm` (bias fused) plus a separate multiplier kernel vs BF16 `torch.mm`; TFLOP/s, ratios.
 3. One training step of a ~1B-parameter Llama-shaped model (bf16): backend="munit" vs Inductor; tokens/s.
 Writes JSON and a markdown table naming the card. `--dry-run` runs everything tiny on CPU (the Triton
 kernels in the interpreter) and times nothing meaningful: it checks that the script itself works.
@@ -33,7 +34,8 @@ LLAMA_DRY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 
 def run_tests(dry_run: bool) -> dict:
     """pytest on the kernel tests and every gpu-marked test; on a dry run only collects them."""
-    command = [sys.executable, "-m", "pytest", "-q", "tests/test_triton_kernels.py", "-m", "gpu or not gpu",
+    command = [sys.executable, "-m", "pytest", "-q", "tests/test_triton_kernels.py", "tests/test_triton_persistent.py",
+               "-m", "gpu or not gpu",
                "-p", "no:cacheprovider"] + (["--collect-only"] if dry_run else [])
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
@@ -70,8 +72,12 @@ def gemm_benchmarks(shapes, device: str) -> list[dict]:
         alpha = K ** -0.5
         one = torch.ones((), device=device)
         munit = lambda: fp8_gemm.scaled_mm(a8, b8, 1.0, bias, alpha, torch.bfloat16)  # noqa: E731
+        persistent = lambda: fp8_gemm.scaled_mm(a8, b8, 1.0, bias, alpha, torch.bfloat16,  # noqa: E731
+                                                schedule="persistent")
         flops = 2 * M * N * K
-        row = {"M": M, "N": N, "K": K, "munit_s": _time(munit, device, 3)}
+        row = {"M": M, "N": N, "K": K, "munit_s": _time(munit, device, 3),
+               "munit_persistent_s": _time(persistent, device, 3),
+               "persistent_equals_tiled": bool(torch.equal(munit(), persistent()))}
         if device == "cuda":
             scaled = lambda: torch._scaled_mm(a8, b8.t(), one, one, bias=bias, out_dtype=torch.bfloat16)  # noqa: E731
             row["scaled_mm_s"] = _time(scaled, device, 3)
@@ -81,12 +87,13 @@ def gemm_benchmarks(shapes, device: str) -> list[dict]:
             row["max_rel_diff_vs_scaled_mm"] = ((munit().float() - expected).abs().max() / expected.abs().max()).item()
         for key in [k for k in row if k.endswith("_s")]:
             row[key.replace("_s", "_tflops")] = flops / row[key] / 1e12
+        row["persistent_vs_tiled"] = row["munit_s"] / row["munit_persistent_s"]
         if "scaled_mm_s" in row:
             row["munit_vs_scaled_mm"] = row["scaled_mm_s"] / row["munit_s"]
             row["munit_vs_scaled_mm_plus_epilogue"] = row["scaled_mm_plus_epilogue_s"] / row["munit_s"]
             row["munit_vs_bf16"] = row["bf16_mm_s"] / row["munit_s"]
         rows.append(row)
-        print(f"  GEMM {M}x{N}x{K}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k.endswith(("tflops", "vs_scaled_mm", "vs_bf16"))))
+        print(f"  GEMM {M}x{N}x{K}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k.endswith(("tflops", "vs_scaled_mm", "vs_bf16", "vs_tiled"))))
     return rows
 
 
@@ -128,13 +135,15 @@ def training_step(config: dict, batch: int, seq: int, device: str, steps: int) -
 def markdown(result: dict) -> str:
     lines = [f"# gpu-check on {result['machine']} (commit {result['commit']}, {result['date']})", "",
              f"tests: {result['tests']['summary']}", "",
-             "| M×N×K | munit TFLOP/s | _scaled_mm | _scaled_mm + epilogue | bf16 mm | munit vs _scaled_mm | vs + epilogue | vs bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| M×N×K | munit TFLOP/s | persistent | _scaled_mm | _scaled_mm + epilogue | bf16 mm | munit vs _scaled_mm "
+             "| vs + epilogue | vs bf16 | persistent vs tiled |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["gemms"]:
         get = lambda k: f"{r[k]:.3g}" if k in r else "–"  # noqa: E731
-        lines.append(f"| {r['M']}×{r['N']}×{r['K']} | {get('munit_tflops')} | {get('scaled_mm_tflops')} | "
-                     f"{get('scaled_mm_plus_epilogue_tflops')} | {get('bf16_mm_tflops')} | {get('munit_vs_scaled_mm')} | "
-                     f"{get('munit_vs_scaled_mm_plus_epilogue')} | {get('munit_vs_bf16')} |")
+        cells = ["munit_tflops", "munit_persistent_tflops", "scaled_mm_tflops", "scaled_mm_plus_epilogue_tflops",
+                 "bf16_mm_tflops", "munit_vs_scaled_mm", "munit_vs_scaled_mm_plus_epilogue", "munit_vs_bf16",
+                 "persistent_vs_tiled"]
+        lines.append(f"| {r['M']}×{r['N']}×{r['K']} | " + " | ".join(get(k) for k in cells) + " |")
     step = result["training_step"]
     lines += ["", f"training step ({step['munit']['parameters'] / 1e6:.0f} M parameters): munit "
               f"{step['munit']['tokens_per_s']:.0f} tokens/s vs Inductor {step['inductor']['tokens_per_s']:.0f} "
@@ -145,7 +154,8 @@ def markdown(result: dict) -> str:
 def headline(result: dict) -> dict:
     """munit's GEMM ratios per shape and the training-step speedup."""
     line = {f"{r['M']}x{r['N']}x{r['K']}_{k}": r[k] for r in result["gemms"]
-            for k in ("munit_vs_scaled_mm", "munit_vs_scaled_mm_plus_epilogue", "munit_vs_bf16") if k in r}
+            for k in ("munit_vs_scaled_mm", "munit_vs_scaled_mm_plus_epilogue", "munit_vs_bf16", "persistent_vs_tiled")
+            if k in r}
     line["step_munit_vs_inductor"] = result["training_step"].get("munit_vs_inductor")
     return line
 

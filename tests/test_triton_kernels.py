@@ -134,35 +134,41 @@ def test_fp8_gemm_matches_the_high_precision_product_to_fp8_rounding():
     assert ((out.double() - exact).norm() / exact.norm()).item() < 0.08
 
 
-def _gemm_ptx(out: str = "*bf16", activation: str = "none", gate: bool = False, residual: bool = False,
-              transposed_copy: bool = False, options: dict | None = None) -> str:
-    """PTX of `fp8_gemm_kernel` in its default config for sm_90a, E4M3 operands, unit inner strides and
-    16-aligned pointers/dims/leading strides (what a launch with aligned shapes gives)."""
-    import triton.language as tl
-
+def compile_gemm(kernel=None, config: dict | None = None, out: str = "*bf16", activation: str = "none",
+                 gate: bool = False, residual: bool = False, transposed_copy: bool = False,
+                 options: dict | None = None, **meta_extra):
+    """`kernel` (default `fp8_gemm_kernel`) in `config` (default `DEFAULT_CONFIG`) compiled for sm_90a, E4M3
+    operands, unit inner strides and 16-aligned pointers/dims/leading strides (what a launch with aligned
+    shapes gives); meta_extra: the kernel's further constexprs (the persistent schedule's NUM_SMS, USE_TMA)."""
     pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "ct_ptr": out, "bias_ptr": "*fp32",
                 "gate_ptr": "*bf16", "res_ptr": "*fp32"}
     aligned = ["M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_ctn", "stride_gm", "stride_rm"]
     unit = ["stride_ak", "stride_bk", "stride_cn", "stride_ctm", "stride_gn", "stride_rn"]
     scalars = {"inv_scale": "fp32", "alpha": "fp32", "c_skip": "fp32", "c_branch": "fp32", "out_scale": "fp32"}
-    cfg = fp8_gemm.DEFAULT_CONFIG
-    kernel = triton_shim.compilable(fp8_gemm.fp8_gemm_kernel)
+    cfg = {**fp8_gemm.DEFAULT_CONFIG, **(config or {})}
+    kernel = triton_shim.compilable(kernel or fp8_gemm.fp8_gemm_kernel)
     meta = {"HAS_BIAS": True, "ACTIVATION": triton_shim.compilable(fp8_gemm.ACTIVATIONS[activation]), "HAS_GATE": gate,
             "HAS_RESIDUAL": residual, "OUT_MAX": {"*fp8e4nv": 448.0, "*fp8e5": 57344.0}.get(out),
-            "TRANSPOSED_COPY": transposed_copy, **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+            "TRANSPOSED_COPY": transposed_copy,
+            **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SPLIT")}, **meta_extra}
     sig = {**pointers, **{n: "i32" for n in aligned}, **{n: "constexpr" for n in unit}, **scalars,
            **{n: "constexpr" for n in meta}}
     order = list(kernel.arg_names)
     assert sorted(order) == sorted(sig), "the test's signature must name every kernel argument"
     sig = {n: sig[n] for n in order}
     divisible = {(order.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *aligned]}
-    with triton_shim.compiling():
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, attrs=divisible,
-                                            constexprs={**{n: 1 for n in unit}, **meta}),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                                           **fp8_gemm.COMPILE_OPTIONS, **(options or {})})
-    return compiled.asm["ptx"]
+    with triton_shim.compiling(fp8_gemm):
+        return triton.compile(ASTSource(fn=kernel, signature=sig, attrs=divisible,
+                                        constexprs={**{n: 1 for n in unit}, **meta}),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                       **fp8_gemm.COMPILE_OPTIONS, **(options or {})})
+
+
+def _gemm_ptx(out: str = "*bf16", activation: str = "none", gate: bool = False, residual: bool = False,
+              transposed_copy: bool = False, options: dict | None = None) -> str:
+    """PTX of `fp8_gemm_kernel` in its default config for sm_90a (`compile_gemm`)."""
+    return compile_gemm(None, None, out, activation, gate, residual, transposed_copy, options).asm["ptx"]
 
 
 PTX_EPILOGUES = [  # (output pointer, its cvt or None, activation, gate, residual, transposed copy)

@@ -15,8 +15,8 @@ These stay as they are; kernels that must match torch call libdevice.
 
 Compiling for a GPU target (PTX checks) in a process that interprets: `@triton.jit` then makes
 InterpretedFunctions, triton.language's own helpers (`tl.cdiv`, ...) included, and the compiler calls
-those as Python functions on IR values, which fails. `compilable(fn)` and the `compiling()` context give
-the compiler JITFunctions instead. (A warm Triton cache from a non-interpreted run hides this failure.)
+those as Python functions on IR values, which fails. `compilable(fn)` and the `compiling(module)` context
+give the compiler JITFunctions instead. (A warm Triton cache from a non-interpreted run hides this failure.)
 Worse, the interpreter leaves `triton.language.core`'s builtins patched to its own semantics after any
 kernel that calls a @jit helper (a device-function call patches the language and never restores it), so
 compiling after interpreting fails even then; `install()` makes device-function calls restore the patch.
@@ -133,9 +133,10 @@ def compilable(fn) -> triton.runtime.jit.JITFunction:
 
 
 @contextlib.contextmanager
-def compiling():
-    """While `triton.compile` runs: triton.language's @jit helpers as JITFunctions (restored after)."""
-    modules = (tl, tl.core, tl.math, tl.standard)
+def compiling(*kernel_modules):
+    """While `triton.compile` runs: the @jit helpers of triton.language and of `kernel_modules` (the
+    modules whose kernels call their own helpers) as JITFunctions (restored after)."""
+    modules = (tl, tl.core, tl.math, tl.standard, *kernel_modules)
     swapped = [(m, name, value) for m in modules for name, value in vars(m).items()
                if isinstance(value, interpreter.InterpretedFunction)]
     try:
