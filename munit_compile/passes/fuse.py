@@ -13,8 +13,12 @@ and backward), so `meta` stays current; the graph is linted after the pass (pipe
 
 Patterns not written yet (issue 5): norm → FP8 prologue (`codegen.triton.norm_cast`), the SwiGLU gate
 product and the residual add in the epilogue, FP8 output for the next GEMM, saved FP8 copies for backward.
-GPT-2's `gelu_new` is traced as its written-out formula (mul, pow, add, tanh, ...), not aten.gelu: it is
-not matched.
+
+A written-out activation (GPT-2's `gelu_new`: mul, pow, add, tanh, ... on the Conv1D's view of the GEMM)
+is recognised by `idioms.match_activation_idiom` ("gemm_activation_idiom"):
+
+    before: fp8 = munit.fp8_linear.default(...);  x = aten.view.default(fp8, s);  ... y = aten.mul.Tensor(h, t)
+    after:  fp8 = munit.fp8_linear.default(..., 1.0, "gelu_tanh");  x = aten.view.default(fp8, s)   # y → x
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch.fx as fx
 
 import munit_compile.ops  # noqa: F401  (registers munit::fp8_linear)
 from munit_compile.ir import META_PLAN
+from munit_compile.passes import idioms
 
 aten = torch.ops.aten
 FP8_LINEAR = torch.ops.munit.fp8_linear.default
@@ -108,8 +113,82 @@ def _rewrite_gemm_activation(gm: fx.GraphModule, m: _GemmActivation) -> fx.Node:
     return fused
 
 
+# ---------------------------------------------------------------- pattern 2: FP8 GEMM → written-out activation
+
+VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})  # shape only
+_WIDENED = frozenset({(torch.bfloat16, torch.float32), (torch.float16, torch.float32)})  # (GEMM, formula) dtypes
+
+
+@dataclass(frozen=True)
+class _GemmIdiom:
+    gemm: fx.Node
+    views: tuple[fx.Node, ...]  # single-user shape ops from the GEMM to the formula's input x (GPT-2's Conv1D)
+    root: fx.Node               # the formula's last node: its value is act(x)
+    formula: frozenset          # the nodes to erase (root included): x's only readers
+    activation: str
+
+
+def _view_chain(node: fx.Node) -> tuple[fx.Node, ...]:
+    """The single-user shape-only ops applied to `node`, in order: z, view(z), ... (x is the last, or z)."""
+    chain = []
+    while len(node.users) == 1 and next(iter(node.users)).target in VIEW_OPS:
+        node = next(iter(node.users))
+        chain.append(node)
+    return tuple(chain)
+
+
+def _descendants(x: fx.Node, levels: int) -> list[fx.Node]:
+    """The nodes at most `levels` user-steps below x, in graph order."""
+    found, frontier = set(), {x}
+    for _ in range(levels):
+        frontier = {u for n in frontier for u in n.users} - found
+        found |= frontier
+    return sorted(found, key=list(x.graph.nodes).index)
+
+
+def _match_gemm_activation_idiom(node: fx.Node) -> _GemmIdiom | None:
+    """An fp8_linear without an activation whose output (through views) x is read only by a written-out
+    activation (`idioms.IDIOMS`) that ends in the GEMM's dtype, or fp32 from a 16-bit GEMM (CUDA autocast's
+    fp32 `pow`): the rewrite then upcasts the fused output, exactly."""
+    if node.op != "call_function" or node.target is not FP8_LINEAR or linear_args(node)[-1] != "none":
+        return None
+    views = _view_chain(node)
+    x = views[-1] if views else node
+    for root in reversed(_descendants(x, idioms.IDIOM_DEPTH)):
+        m = idioms.match_activation_idiom(root)
+        if m is None or m[1] is not x or not set(x.users) <= m[2]:
+            continue
+        dtypes = (node.meta["val"].dtype, root.meta["val"].dtype)
+        if dtypes[0] == dtypes[1] or dtypes in _WIDENED:
+            return _GemmIdiom(node, views, root, m[2], m[0])
+    return None
+
+
+def _rewrite_gemm_activation_idiom(gm: fx.GraphModule, m: _GemmIdiom) -> fx.Node:
+    """GEMM → fused GEMM, its views kept (now of act(z)), the root's readers → the last view (or its fp32
+    upcast), the formula erased."""
+    graph = gm.graph
+    with graph.inserting_after(m.gemm):
+        fused = graph.call_function(FP8_LINEAR, linear_args(m.gemm)[:-1] + (m.activation,))
+    m.gemm.replace_all_uses_with(fused)
+    out = m.views[-1] if m.views else fused
+    for n in (fused, *m.views):  # their values are now the activation's (reshaped): σ forward and backward
+        n.meta.update({**m.root.meta, "val": (m.gemm if n is fused else n).meta["val"]})
+    if m.root.meta["val"].dtype != out.meta["val"].dtype:  # 16-bit act(z) → fp32: exact
+        with graph.inserting_after(out):
+            out = graph.call_function(aten._to_copy.default, (out,), {"dtype": m.root.meta["val"].dtype})
+        out.meta.update(m.root.meta)
+    m.root.replace_all_uses_with(out)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(m.formula, key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
+    graph.erase_node(m.gemm)
+    return fused
+
+
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("gemm_activation", _match_gemm_activation, _rewrite_gemm_activation),
+    Fusion("gemm_activation_idiom", _match_gemm_activation_idiom, _rewrite_gemm_activation_idiom),
 )
 
 
