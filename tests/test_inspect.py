@@ -61,9 +61,10 @@ def test_report_schema_and_json_round_trip(measured_report, tmp_path):
     assert set(d["summary"]) == {"gemms_total", "gemms_fp8", "unknown_ops", "frac_within_sqrt2", "max_abs_log2_error"}
     for row in d["rows"]:
         assert tuple(row) == ROW_KEYS
-        # an FP8 GEMM names its kernel (GELU/SiLU, the SwiGLU gate, the residual add fused into its epilogue;
-        # its input read as a shared FP8 copy), the rest none
-        kernels = {k + " <- fp8 x" for k in ("fp8_gemm", "fp8_gemm+gelu", "fp8_gemm+silu+gate", "fp8_gemm+residual")}
+        # an FP8 GEMM names its kernel (GELU/SiLU, GPT-2's written-out gelu_new too, the SwiGLU gate, the
+        # residual add fused into its epilogue; its input read as a shared FP8 copy), the rest none
+        kernels = {k + " <- fp8 x" for k in ("fp8_gemm", "fp8_gemm+gelu", "fp8_gemm+gelu_tanh", "fp8_gemm+silu+gate",
+                                            "fp8_gemm+residual")}
         assert row["fused_kernel"] in (kernels if row["fp8"] is not None else {None})
         assert row["status"] in ("ok", "unknown", "high_precision")
     fp8_rows = [r for r in d["rows"] if r["fp8"] is not None]

@@ -19,9 +19,13 @@ have no other reader (fusing would have to write it too). Rewritten GEMMs keep t
 fused node takes the replaced root's metadata (`val`, σ forward and backward). `kernel_of` names the kernel
 a GEMM runs as (the report's `fused_kernel`): "fp8_gemm+silu+gate", "fp8_gemm+residual <- fp8 x", ...
 
+A written-out activation (GPT-2's `gelu_new`: mul, pow, add, tanh, ... on the Conv1D's view of the GEMM)
+is recognised by `idioms.match_activation_idiom` (gemm_activation_idiom; the formula must read only the
+GEMM's output and end in its dtype).
+
 Not fused: the GEMM's FP8 output straight into the next GEMM (the next GEMM's cast is a separate `quantize`
 of the BF16 output), and norms into a hand-written prologue kernel (Inductor fuses the quantize into the
-norm's kernel instead). GPT-2's `gelu_new` is traced written out (mul, pow, add, tanh, ...): not matched.
+norm's kernel instead).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import torch.fx as fx
 import munit_compile.ops  # noqa: F401  (registers munit::fp8_linear and munit::quantize)
 from munit_compile.ir import META_PLAN
 from munit_compile.ops.formats import cast_fp8
+from munit_compile.passes import idioms
 
 aten = torch.ops.aten
 FP8_LINEAR = torch.ops.munit.fp8_linear.default
@@ -143,10 +148,11 @@ def _same_tensor_type(a: Any, b: Any) -> bool:
             and va.dtype == vb.dtype)
 
 
-def _replace_with_linear(gm: fx.GraphModule, m: "_Epilogue") -> fx.Node:
+def _replace_with_linear(gm: fx.GraphModule, m: "_Epilogue", interior: frozenset = frozenset()) -> fx.Node:
     """Put fp8_linear(gemm's arguments + m.changes) where the epilogue op (root) is: it takes root's value
-    and users and keeps gemm's FP8 plan; root, the transparent chain and gemm are erased. A chain that
-    regrouped rows is applied to x (and x_q) instead: fp8_linear works row by row."""
+    and users and keeps gemm's FP8 plan; root, the `interior` nodes between it and the chain, the
+    transparent chain and gemm are erased. A chain that regrouped rows is applied to x (and x_q) instead:
+    fp8_linear works row by row."""
     args = {**linear_args(m.gemm), **m.changes}
     args["grad_multiplier"] *= _grad_multiplier(m.chain)
     with gm.graph.inserting_before(m.root):
@@ -161,7 +167,8 @@ def _replace_with_linear(gm: fx.GraphModule, m: "_Epilogue") -> fx.Node:
     if META_PLAN in m.gemm.meta:
         fused.meta[META_PLAN] = m.gemm.meta[META_PLAN]
     m.root.replace_all_uses_with(fused)
-    for node in (m.root, *reversed(m.chain), m.gemm):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in (m.root, *sorted(interior, key=order.__getitem__, reverse=True), *reversed(m.chain), m.gemm):
         gm.graph.erase_node(node)
     return fused
 
@@ -327,8 +334,57 @@ def _rewrite_fp8_input(gm: fx.GraphModule, m: _SharedInput) -> None:
         reader.args, reader.kwargs = _call_args({**linear_args(reader), "x_q": x_q})
 
 
+# ---------------------------------------------------------------- gemm_activation_idiom: a written-out activation
+
+@dataclass(frozen=True)
+class _GemmIdiom:
+    epilogue: _Epilogue       # root: the formula's last node (its value is act(x)); chain: GEMM → x
+    interior: frozenset       # the formula's other nodes, erased with it
+
+
+def _chain_to_value(node: fx.Node) -> tuple[fx.Node, ...]:
+    """The transparent single-reader ops after `node` (`TRANSPARENT`, `grad_scale`), in order."""
+    chain = []
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not (user.target is GRAD_SCALE or user.target in TRANSPARENT and TRANSPARENT[user.target](user)):
+            break
+        chain.append(node := user)
+    return tuple(chain)
+
+
+def _descendants(x: fx.Node, levels: int) -> list[fx.Node]:
+    """The nodes at most `levels` user-steps below x, in graph order."""
+    found, frontier = set(), {x}
+    for _ in range(levels):
+        frontier = {u for n in frontier for u in n.users} - found
+        found |= frontier
+    order = {n: i for i, n in enumerate(x.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
+
+
+def _match_gemm_activation_idiom(node: fx.Node) -> _GemmIdiom | None:
+    """An fp8_linear with a bare epilogue whose output x (through transparent ops) is read only by a
+    written-out activation (`idioms.IDIOMS`) ending in x's dtype."""
+    if not is_fp8_linear(node) or not _bare_epilogue(linear_args(node), "activation"):
+        return None
+    chain = _chain_to_value(node)
+    x = chain[-1] if chain else node
+    for root in reversed(_descendants(x, idioms.IDIOM_DEPTH)):
+        m = idioms.match_activation_idiom(root)
+        if m is None or m[1] is not x or not set(x.users) <= m[2] or not _same_tensor_type(root, x):
+            continue
+        return _GemmIdiom(_Epilogue(node, root, {"activation": m[0]}, chain), frozenset(m[2] - {root}))
+    return None
+
+
+def _rewrite_gemm_activation_idiom(gm: fx.GraphModule, m: _GemmIdiom) -> None:
+    _replace_with_linear(gm, m.epilogue, m.interior)
+
+
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("gemm_activation", _match_gemm_activation, _rewrite_epilogue),
+    Fusion("gemm_activation_idiom", _match_gemm_activation_idiom, _rewrite_gemm_activation_idiom),
     Fusion("gemm_gate", _match_gemm_gate, _rewrite_epilogue),
     Fusion("gemm_residual", _match_gemm_residual, _rewrite_epilogue),
     Fusion("fp8_input", _match_fp8_input, _rewrite_fp8_input),
