@@ -140,6 +140,24 @@ def test_every_eligible_chain_is_fused(name, autocast):
     planned.graph.lint()
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fp8_gemms_under_autocast_output_what_the_gemm_they_replace_did(name):
+    """Under BF16 autocast the replaced linear/addmm gave BF16 even from an fp32 input (a norm's output):
+    fp8_linear(out_dtype=bf16) does too, so runtime dtypes equal the graph's metadata (the residual add's
+    result is promoted to the fp32 residual stream, as aten.add's was)."""
+    make, step = MODELS[name]
+    torch.manual_seed(0)
+    ((planned, inputs, _),) = _planned(make(), step, _ids(), autocast=True)
+    linears = {n for n in planned.graph.nodes if fuse_pass.is_fp8_linear(n)}
+    rec = _Recorder(planned, linears)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rec.run(*inputs)
+    dtypes = {n: rec.values[n].dtype for n in linears}
+    assert all(dtypes[n] == n.meta["val"].dtype for n in linears)
+    assert {dtypes[n] for n in linears if fuse_pass.linear_args(n)["residual"] is None} == {torch.bfloat16}
+    assert {n.args[0].meta["val"].dtype for n in linears} == {torch.float32, torch.bfloat16}  # norm outputs: fp32
+
+
 def test_a_gemm_output_read_twice_is_not_fused():
     """y = fp8_linear(x); gelu(y) + y: the epilogue can't replace y, which is read again: nothing but the cast."""
     class Twice(torch.nn.Module):
@@ -387,7 +405,7 @@ class _Recorder(fx.Interpreter):
         if n in self.wanted:
             self.values[n] = out
             if n.target is fuse_pass.FP8_LINEAR:
-                self.args_of[n] = self.map_nodes_to_values(n.args, n)
+                self.args_of[n] = (self.map_nodes_to_values(n.args, n), self.map_nodes_to_values(n.kwargs, n))
         return out
 
 
@@ -405,13 +423,13 @@ def test_fused_graph_vs_unfused_graph_on_fresh_data(name, autocast):
     targets = _activation_of(unfused)
     assert len(targets) == 2
     rec = _Recorder(unfused, {n for t in targets.values() for n in t[:2]})
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         rec.run(*[ids if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == ids.shape else t
                   for t in inputs])
     for gemm, act, activation in targets.values():
-        args = rec.args_of[gemm]
+        args, kwargs = rec.args_of[gemm]
         z_r, y_u = rec.values[gemm], rec.values[act]
-        y_f = torch.ops.munit.fp8_linear(*args, *(1.0,) * (9 - len(args)), activation)
+        y_f = torch.ops.munit.fp8_linear(*args, *(1.0,) * (9 - len(args)), activation, **kwargs)
         u, f32 = U[z_r.dtype], 8 * U[torch.float32]
         z, yf, yu = z_r.double().abs(), y_f.double().abs(), y_u.double().abs()
         bound = L_ACT * u * (1 + u) * z + u * (yf + yu) + f32 * (z + yf)
@@ -552,10 +570,11 @@ def test_gpt2_fused_gelu_tanh_vs_the_written_out_formula(mode, request):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         rec.run(*[ids if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == ids.shape else t
                   for t in inputs])
-        fused = [torch.ops.munit.fp8_linear(*rec.args_of[m.gemm], 1.0, "gelu_tanh") for m in targets]
+        fused = [torch.ops.munit.fp8_linear(*rec.args_of[m.gemm][0], **{**rec.args_of[m.gemm][1], "activation": "gelu_tanh"})
+                 for m in targets]
     for m, y_f in zip(targets, fused):
         z_r, y_u = rec.values[m.gemm], rec.values[m.root].reshape(y_f.shape)
-        assert y_f.dtype == z_r.dtype == y_u.dtype == (dtype if mode != "bf16_autocast" else torch.float32)
+        assert y_f.dtype == z_r.dtype == y_u.dtype == (dtype if mode != "bf16_autocast" else torch.bfloat16)
         diff = (y_f.double() - y_u.double()).abs()
         assert (diff <= _idiom_bound(z_r, y_u, y_f)).all()
         if z_r.dtype in HALF:  # the bf16 roundings inside the formula are gone: visibly two evaluations

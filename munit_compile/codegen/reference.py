@@ -37,9 +37,11 @@ def rows(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1, t.shape[-1])
 
 
-def linear_out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
-    """fp8_linear's output dtype: x's, promoted with the residual's when the residual add is fused."""
-    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+def linear_out_dtype(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
+    """fp8_linear's output dtype: out_dtype (default x's), promoted with the residual's when the residual
+    add is fused."""
+    base = x.dtype if out_dtype is None else out_dtype
+    return base if residual is None else torch.promote_types(base, residual.dtype)
 
 
 def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: torch.Tensor | None = None,

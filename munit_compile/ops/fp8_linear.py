@@ -35,6 +35,7 @@ from munit_compile.codegen.select import kernels_for
 from munit_compile.ops.formats import FP8_FORMATS, check_scale, fp8_format
 
 FP8_DTYPES = {spec.dtype for spec in FP8_FORMATS.values()}
+LINEAR_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @torch.library.custom_op("munit::fp8_gemm", mutates_args=())
@@ -77,22 +78,25 @@ def fp8_linear(
     c_branch: float = 1.0,
     x_q: torch.Tensor | None = None,
     grad_multiplier: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y[..., N] = c_skip·r + c_branch·act(α·(x[..., K] @ w[N, K]ᵀ + bias))·gate, static-scaled FP8 operands
-    (x_q: x's FP8 copy, already cast); output in x.dtype (promoted with the residual's). Backward multiplies
-    the gradient of the pre-activation z by grad_multiplier (a folded `munit::grad_scale`) before its cast."""
+    (x_q: x's FP8 copy, already cast); output in out_dtype (default x.dtype; autocast's dtype when the
+    replaced GEMM ran under autocast), promoted with the residual's. Backward multiplies the gradient of the
+    pre-activation z by grad_multiplier (a folded `munit::grad_scale`) before its cast."""
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                       residual, c_skip, c_branch, x_q, grad_multiplier)
-    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation, gate=gate,
+                       residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
+                                     reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
                                      residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q)
 
 
 @fp8_linear.register_fake
 def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none",
-                     gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0):
+                     gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0, out_dtype=None):
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                       residual, c_skip, c_branch, x_q, grad_multiplier)
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=reference.linear_out_dtype(x, residual))
+                       residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=reference.linear_out_dtype(x, residual, out_dtype))
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class _Epilogue:
 
 def _fp8_linear_setup_context(ctx, inputs, output):
     x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, *rest = inputs
-    alpha, activation, gate, residual, c_skip, c_branch, x_q, grad_multiplier = (*rest, *_LINEAR_DEFAULTS[len(rest):])
+    alpha, activation, gate, residual, c_skip, c_branch, x_q, grad_multiplier, _ = (*rest, *_LINEAR_DEFAULTS[len(rest):])
     ctx.epilogue = _Epilogue(alpha, activation, gate is not None, None if residual is None else residual.dtype,
                              c_skip, c_branch, grad_multiplier)
     # backward reads x only through its FP8 cast: with x_q given, that copy (1 byte/element) is what is saved
@@ -165,12 +169,12 @@ def _fp8_linear_backward(ctx, grad_y):
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = (g2.to(torch.float32).sum(0) * alpha).to(ctx.bias_dtype)
     return (grad_x, grad_w, grad_b, None, None, None, None, None, None, None, grad_gate, grad_residual, None, None,
-            None, None)
+            None, None, None)
 
 
 # fp8_linear's arguments after grad_format, with their defaults: (alpha, activation, gate, residual, c_skip,
-# c_branch, x_q, grad_multiplier); `passes.fuse` reads the names from the op's schema
-_LINEAR_DEFAULTS = (1.0, "none", None, None, 1.0, 1.0, None, 1.0)
+# c_branch, x_q, grad_multiplier, out_dtype); `passes.fuse` reads the names from the op's schema
+_LINEAR_DEFAULTS = (1.0, "none", None, None, 1.0, 1.0, None, 1.0, None)
 
 # activation -> (dy, z) -> act′(z)·dy, both fp32: aten's own backward formulas, the ones autograd uses for
 # the unfused aten.gelu / aten.silu / aten.relu (so fused and unfused backward differ only by z's rounding)
@@ -212,7 +216,7 @@ def _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format):
 
 def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
                        activation="none", gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None,
-                       grad_multiplier=1.0):
+                       grad_multiplier=1.0, out_dtype=None):
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(
             f"munit::fp8_linear needs x[..., K] and w[N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
@@ -242,6 +246,9 @@ def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, gra
     for name, c in (("c_skip", c_skip), ("c_branch", c_branch), ("grad_multiplier", grad_multiplier)):
         if not (isinstance(c, float) and math.isfinite(c)):
             raise ValueError(f"munit::fp8_linear {name} must be a finite float, got {c!r}")
+    if out_dtype is not None and out_dtype not in LINEAR_OUT_DTYPES:
+        raise ValueError(f"munit::fp8_linear out_dtype must be one of {[str(d) for d in LINEAR_OUT_DTYPES]}, "
+                         f"got {out_dtype}")
     if x_q is not None and (tuple(x_q.shape) != tuple(x.shape) or x_q.dtype != fp8_format(fwd_format).dtype):
         raise ValueError(f"munit::fp8_linear x_q must be x's {fwd_format} copy: shape {tuple(x.shape)}, dtype "
                          f"{fp8_format(fwd_format).dtype}; got {x_q.dtype} {tuple(x_q.shape)}")

@@ -281,7 +281,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, g: GemmOperands, ctx: _CheckCont
             w.meta["val"] = tensor_of(g.w).t()
             w.meta[META_FWD] = g.w.meta[META_FWD]
         args = (g.x, w, g.bias, x_scale, w_scale, grad_scale, config.forward_format, config.grad_format)
-        fp8 = gm.graph.call_function(torch.ops.munit.fp8_linear.default, args + ((alpha,) if alpha != 1.0 else ()))
+        # the GEMM's own output dtype (autocast's, where it ran under autocast; x may be fp32 then)
+        out_dtype = tensor_of(out).dtype
+        kwargs = {"out_dtype": out_dtype} if out_dtype != tensor_of(g.x).dtype else {}
+        fp8 = gm.graph.call_function(torch.ops.munit.fp8_linear.default, args + ((alpha,) if alpha != 1.0 else ()),
+                                     kwargs)
     fp8.meta.update(out.meta)
     decision = GemmDecision(
         node.name, True, "",
