@@ -100,20 +100,25 @@ def _mus_gpt(placement):
 
 
 X8 = " <- fp8 x"  # every FP8 GEMM reads a shared FP8 copy of its input
-# model -> (the kernel of each FP8 GEMM of one layer, in graph order; how often each pattern fires in 2 layers)
+# model -> (the kernel of each FP8 GEMM of one layer (or of both), in graph order; how often each pattern fires)
 EXPECTED = {
-    "builtin_gpt": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu", "fp8_gemm+residual"],
-                    {"fp8_input": 8, "gemm_activation": 2, "gemm_residual": 4}),
-    "llama": (["fp8_gemm"] * 3 + ["fp8_gemm+residual", "fp8_gemm+silu+gate", "fp8_gemm", "fp8_gemm+residual"],
-              {"fp8_input": 8, "gemm_activation": 2, "gemm_gate": 2, "gemm_residual": 4}),
-    "gpt2": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu_tanh", "fp8_gemm+residual"],  # gelu_new written out
-             {"fp8_input": 8, "gemm_activation_idiom": 2, "gemm_residual": 4}),
+    "builtin_gpt": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu+fp8_out", "fp8_gemm+residual"],
+                    {"fp8_input": 8, "gemm_activation": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
+    "llama": (["fp8_gemm"] * 3 + ["fp8_gemm+residual", "fp8_gemm+silu+gate+fp8_out", "fp8_gemm", "fp8_gemm+residual"],
+              {"fp8_input": 8, "gemm_activation": 2, "gemm_gate": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
+    "gpt2": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu_tanh+fp8_out", "fp8_gemm+residual"],  # gelu_new written out
+             {"fp8_input": 8, "gemm_activation_idiom": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
     # μS, Res-Post-LN: each branch ends in a norm, so no residual add follows a GEMM; the unit backward's
     # grad_scale after each GEMM is folded into grad_multiplier
-    "mus_gpt_res_post": (["fp8_gemm", "fp8_gemm", "fp8_gemm+gelu", "fp8_gemm"], {"fp8_input": 8, "gemm_activation": 2}),
-    "mus_gpt_pre": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu", "fp8_gemm+residual"],
-                    {"fp8_input": 8, "gemm_activation": 2, "gemm_residual": 4}),
+    # grad_scale after each GEMM is folded into grad_multiplier, a constant after the GELU into c_branch
+    # (layer 1 of the Res-Post-LN model has none: unit_scale folded it elsewhere)
+    "mus_gpt_res_post": (["fp8_gemm", "fp8_gemm", "fp8_gemm+gelu+fp8_out", "fp8_gemm"]
+                         + ["fp8_gemm", "fp8_gemm", "fp8_gemm+gelu+scale+fp8_out", "fp8_gemm"],
+                         {"fp8_input": 8, "gemm_activation": 2, "gemm_scale": 1, "gemm_fp8_output": 2}),
+    "mus_gpt_pre": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu+scale+fp8_out", "fp8_gemm+residual"],
+                    {"fp8_input": 8, "gemm_activation": 2, "gemm_scale": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
 }
+GPT2_FC = "fp8_gemm+gelu_tanh+fp8_out" + X8  # GPT-2's c_fc: written-out gelu_new fused, FP8 copy for c_proj
 MODELS.update({"mus_gpt_res_post": (_mus_gpt("res_post"), _gpt_step), "mus_gpt_pre": (_mus_gpt("pre"), _gpt_step)})
 
 
@@ -127,9 +132,10 @@ def test_every_eligible_chain_is_fused(name, autocast):
     ((planned, _, report),) = _planned(model, step, _ids(), autocast)
     per_layer, fired = EXPECTED[name]
     fp8 = [d for d in report.gemms if d.fp8]
-    assert [d.fused_kernel for d in fp8] == [k + X8 for k in per_layer] * 2 and report.fusions == fired
+    layers = per_layer if len(per_layer) == len(fp8) else per_layer * 2
+    assert [d.fused_kernel for d in fp8] == [k + X8 for k in layers] and report.fusions == fired
     assert [d.fused_kernel for d in report.gemms if not d.fp8] == [None]  # the LM head
-    linears = [n for n in planned.graph.nodes if fuse_pass.is_fp8_linear(n)]
+    linears = [n for n in planned.graph.nodes if fuse_pass.is_fp8_gemm(n)]
     assert len(linears) == len(hidden_gemm_modules(getattr(model, "model", model))) == len(fp8)  # μS: UnitScaled
     assert sorted(fuse_pass.kernel_of(n) for n in linears) == sorted(d.fused_kernel for d in fp8)
     # nothing fusable is left: no activation op, every GEMM input cast once, and a second run is a no-op
@@ -195,21 +201,21 @@ def test_gpt2_gelu_new_is_fused_into_every_c_fc(mode, request):
     ((planned, _, report),) = _planned(model, _lm_step, _ids(), autocast)
     n_fc = sum(1 for n, _ in model.named_modules() if n.endswith(".c_fc"))
     fused = [n for n in planned.graph.nodes
-             if n.target is fuse_pass.FP8_LINEAR and fuse_pass.kernel_of(n) == "fp8_gemm+gelu_tanh" + X8]
+             if fuse_pass.is_fp8_gemm(n) and fuse_pass.kernel_of(n) == GPT2_FC]
     if cuda_pow:
         assert not fused and "gemm_activation_idiom" not in report.fusions
         return
     assert len(fused) == n_fc == 2 and report.fusions["gemm_activation_idiom"] == n_fc
     assert all("_c_fc_" in _weight_source(n) for n in fused)
-    assert {n.meta["val"].dtype for n in fused} == {torch.bfloat16 if autocast else torch.float32}
-    decisions = [d for d in report.gemms if d.fused_kernel == "fp8_gemm+gelu_tanh" + X8]
+    assert {n.meta["val"][0].dtype for n in fused} == {torch.bfloat16 if autocast else torch.float32}  # (y, y_q)
+    decisions = [d for d in report.gemms if d.fused_kernel == GPT2_FC]
     assert len(decisions) == n_fc and all(d.fp8 for d in decisions)
     targets = {n.target for n in planned.graph.nodes}
     assert not targets & {torch.ops.aten.tanh.default, torch.ops.aten.pow.Tensor_Scalar}
     assert fuse_pass.fuse(planned)[1] == {}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         kernels = [r["fused_kernel"] for r in munit.inspect(gpt2(), input_ids=_ids()).rows if r["fp8"]]
-    assert kernels.count("fp8_gemm+gelu_tanh" + X8) == n_fc
+    assert kernels.count(GPT2_FC) == n_fc
 
 
 class _GeluNewMLP(torch.nn.Module):
@@ -249,7 +255,7 @@ def test_inspect_names_the_fused_kernel():
     report = munit.inspect(llama(), _ids())
     kernels = [r["fused_kernel"] for r in report.rows if r["fp8"]]
     assert kernels == [k + X8 for k in EXPECTED["llama"][0]] * 2
-    assert "fp8_gemm+silu+gate <- fp8 x" in report.table(only_gemms=True)
+    assert "fp8_gemm+silu+gate+fp8_out <- fp8 x" in report.table(only_gemms=True)
 
 
 # ---------------------------------------------------------------- (4) the op
@@ -350,12 +356,35 @@ def test_gate_residual_and_grad_multiplier_backward_is_autograd_of_the_unfused_o
         assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_q_is_fp8_linear_plus_the_next_gemms_operand_from_the_same_fp32_value(dtype):
+    """(y, y_q): y and its gradients are fp8_linear's exactly; y_q = sat(y₃₂·s) from the unrounded y
+    (one rounding: not the FP8 cast of y rounded to dtype), with no gradient."""
+    x, w, b, gate, _ = _epilogue_operands(dtype, 15)
+    kwargs = dict(activation="silu", gate=gate, c_branch=1.5)
+    y, y_q = torch.ops.munit.fp8_linear_q(x, w, b, *LINEAR_ARGS, **kwargs, q_scale=4.0, q_format="e4m3")
+    y_ref = torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS, **kwargs)
+    y32 = torch.ops.munit.fp8_linear(x.float(), w.float(), b.float(), *LINEAR_ARGS, **{**kwargs, "gate": gate.float()})
+    assert torch.equal(y, y_ref) and not y_q.requires_grad
+    assert torch.equal(y_q.view(torch.uint8), cast_fp8(y32, "e4m3", 4.0).view(torch.uint8))
+    if dtype == torch.bfloat16:  # the double rounding it removes is visible
+        assert not torch.equal(y_q.view(torch.uint8), cast_fp8(y_ref, "e4m3", 4.0).view(torch.uint8))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(16)).to(dtype)
+    params = (x, w, b, gate)
+    for a, e in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(y_ref, params, dy)):
+        assert torch.equal(a, e)
+    torch.library.opcheck(torch.ops.munit.fp8_linear_q, tuple(t.detach() if isinstance(t, torch.Tensor) else t
+                                                              for t in (x, w, b, *LINEAR_ARGS)),
+                          dict(activation="silu", gate=gate.detach(), q_scale=4.0),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_fused_op_arguments_are_checked():
     x, w, b, gate, residual = (t.detach() for t in _epilogue_operands(torch.float32, 14))
     bad = {
         "gate must be a float tensor of the output's shape": dict(gate=gate[:, :5]),
         "residual must be a float tensor": dict(residual=residual.to(torch.int32)),
-        "weight a residual add; pass residual": dict(c_skip=0.5),
+        "weights a residual add; pass residual": dict(c_skip=0.5),
         "x_q must be x's e4m3 copy": dict(x_q=torch.ops.munit.quantize(x, 1.0, "e5m2")),
         "grad_multiplier must be a finite float": dict(grad_multiplier=float("inf")),
     }
@@ -621,7 +650,7 @@ def test_gpt2_training_steps_fused_match_unfused():
             opt.step()
             losses[fuse].append(loss.item())
         assert [r.fusions["gemm_activation_idiom"] for r in be.reports] == [2 if fuse else 0]
-        assert [d.fused_kernel for d in be.reports[0].gemms].count("fp8_gemm+gelu_tanh" + X8) == (2 if fuse else 0)
+        assert [d.fused_kernel for d in be.reports[0].gemms].count(GPT2_FC) == (2 if fuse else 0)
     assert losses[True][-1] < losses[True][0] - 0.5  # it trains (memorises the batch)
     for a, b in zip(losses[True], losses[False]):
         assert abs(a - b) <= 1e-4 * abs(b)

@@ -62,8 +62,10 @@ def test_report_schema_and_json_round_trip(measured_report, tmp_path):
     for row in d["rows"]:
         assert tuple(row) == ROW_KEYS
         # an FP8 GEMM names its kernel (GELU/SiLU, GPT-2's written-out gelu_new too, the SwiGLU gate, the
-        # residual add fused into its epilogue; its input read as a shared FP8 copy), the rest none
-        kernels = {k + " <- fp8 x" for k in ("fp8_gemm", "fp8_gemm+gelu", "fp8_gemm+gelu_tanh", "fp8_gemm+silu+gate",
+        # residual add fused into its epilogue, the next GEMM's FP8 operand written by it; its input read as
+        # a shared FP8 copy), the rest none
+        kernels = {k + " <- fp8 x" for k in ("fp8_gemm", "fp8_gemm+gelu", "fp8_gemm+gelu+fp8_out",
+                                            "fp8_gemm+gelu_tanh+fp8_out", "fp8_gemm+silu+gate+fp8_out",
                                             "fp8_gemm+residual")}
         assert row["fused_kernel"] in (kernels if row["fp8"] is not None else {None})
         assert row["status"] in ("ok", "unknown", "high_precision")

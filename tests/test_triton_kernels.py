@@ -20,9 +20,11 @@ from triton.runtime import interpreter  # noqa: E402
 
 import triton_shim  # noqa: E402
 from munit_compile.codegen import reference  # noqa: E402
+from munit_compile.ops.formats import cast_fp8  # noqa: E402
 from munit_compile.codegen.triton import cast_transpose as ct  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8_FORMAT = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 triton_shim.install()
 
 
@@ -136,20 +138,23 @@ def test_fp8_gemm_matches_the_high_precision_product_to_fp8_rounding():
 
 def compile_gemm(kernel=None, config: dict | None = None, out: str = "*bf16", activation: str = "none",
                  gate: bool = False, residual: bool = False, transposed_copy: bool = False,
-                 options: dict | None = None, **meta_extra):
+                 options: dict | None = None, q: str | None = None, **meta_extra):
     """`kernel` (default `fp8_gemm_kernel`) in `config` (default `DEFAULT_CONFIG`) compiled for sm_90a, E4M3
     operands, unit inner strides and 16-aligned pointers/dims/leading strides (what a launch with aligned
-    shapes gives); meta_extra: the kernel's further constexprs (the persistent schedule's NUM_SMS, USE_TMA)."""
+    shapes gives); q: the next GEMM's FP8 operand's pointer type, or None; meta_extra: the kernel's further
+    constexprs (the persistent schedule's NUM_SMS, USE_TMA)."""
     pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "ct_ptr": out, "bias_ptr": "*fp32",
-                "gate_ptr": "*bf16", "res_ptr": "*fp32"}
-    aligned = ["M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_ctn", "stride_gm", "stride_rm"]
-    unit = ["stride_ak", "stride_bk", "stride_cn", "stride_ctm", "stride_gn", "stride_rn"]
-    scalars = {"inv_scale": "fp32", "alpha": "fp32", "c_skip": "fp32", "c_branch": "fp32", "out_scale": "fp32"}
+                "gate_ptr": "*bf16", "res_ptr": "*fp32", "q_ptr": q or out}
+    aligned = ["M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_ctn", "stride_gm", "stride_rm",
+               "stride_qm"]
+    unit = ["stride_ak", "stride_bk", "stride_cn", "stride_ctm", "stride_gn", "stride_rn", "stride_qn"]
+    scalars = {"inv_scale": "fp32", "alpha": "fp32", "c_skip": "fp32", "c_branch": "fp32", "out_scale": "fp32",
+               "q_scale": "fp32"}
     cfg = {**fp8_gemm.DEFAULT_CONFIG, **(config or {})}
     kernel = triton_shim.compilable(kernel or fp8_gemm.fp8_gemm_kernel)
     meta = {"HAS_BIAS": True, "ACTIVATION": triton_shim.compilable(fp8_gemm.ACTIVATIONS[activation]), "HAS_GATE": gate,
             "HAS_RESIDUAL": residual, "OUT_MAX": {"*fp8e4nv": 448.0, "*fp8e5": 57344.0}.get(out),
-            "TRANSPOSED_COPY": transposed_copy,
+            "TRANSPOSED_COPY": transposed_copy, "Q_MAX": {"*fp8e4nv": 448.0, "*fp8e5": 57344.0}.get(q),
             **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SPLIT")}, **meta_extra}
     sig = {**pointers, **{n: "i32" for n in aligned}, **{n: "constexpr" for n in unit}, **scalars,
            **{n: "constexpr" for n in meta}}
@@ -166,24 +171,25 @@ def compile_gemm(kernel=None, config: dict | None = None, out: str = "*bf16", ac
 
 
 def _gemm_ptx(out: str = "*bf16", activation: str = "none", gate: bool = False, residual: bool = False,
-              transposed_copy: bool = False, options: dict | None = None) -> str:
+              transposed_copy: bool = False, options: dict | None = None, q: str | None = None) -> str:
     """PTX of `fp8_gemm_kernel` in its default config for sm_90a (`compile_gemm`)."""
-    return compile_gemm(None, None, out, activation, gate, residual, transposed_copy, options).asm["ptx"]
+    return compile_gemm(None, None, out, activation, gate, residual, transposed_copy, options, q).asm["ptx"]
 
 
-PTX_EPILOGUES = [  # (output pointer, its cvt or None, activation, gate, residual, transposed copy)
-    ("*bf16", None, "none", False, False, False),
-    ("*fp8e4nv", "cvt.rn.satfinite.e4m3x2.f32", "gelu", False, False, False),
-    ("*fp8e4nv", "cvt.rn.satfinite.e4m3x2.f32", "gelu", False, False, True),
-    ("*fp8e5", "cvt.rn.satfinite.e5m2x2.f32", "silu", True, True, True),
-    ("*bf16", None, "gelu_tanh", True, True, False),
+PTX_EPILOGUES = [  # (output pointer, its cvt or None, activation, gate, residual, transposed copy, FP8 q copy)
+    ("*bf16", None, "none", False, False, False, None),
+    ("*fp8e4nv", "cvt.rn.satfinite.e4m3x2.f32", "gelu", False, False, False, None),
+    ("*fp8e4nv", "cvt.rn.satfinite.e4m3x2.f32", "gelu", False, False, True, None),
+    ("*fp8e5", "cvt.rn.satfinite.e5m2x2.f32", "silu", True, True, True, None),
+    ("*bf16", None, "gelu_tanh", True, True, False, None),
+    ("*bf16", "cvt.rn.satfinite.e4m3x2.f32", "silu", True, False, False, "*fp8e4nv"),  # SwiGLU → down's operand
 ]
 
 
-@pytest.mark.parametrize("out, cvt, activation, gate, residual, transposed_copy", PTX_EPILOGUES)
+@pytest.mark.parametrize("out, cvt, activation, gate, residual, transposed_copy, q", PTX_EPILOGUES)
 def test_fp8_gemm_default_config_ptx_uses_wgmma_with_e4m3_and_does_not_spill(out, cvt, activation, gate, residual,
-                                                                            transposed_copy):
-    ptx = _gemm_ptx(out, activation, gate, residual, transposed_copy)
+                                                                            transposed_copy, q):
+    ptx = _gemm_ptx(out, activation, gate, residual, transposed_copy, q=q)
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and ".e4m3.e4m3" in ptx
     assert cvt is None or cvt in ptx
@@ -285,6 +291,23 @@ def test_fp8_gemm_fused_epilogue_is_bit_exact(activation, gate, residual, out_dt
         assert got[1].shape == (45, 37) and torch.equal(bits(got[1]), bits(got[0]).t())
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["q_e4m3", "q_e5m2"])
+@pytest.mark.parametrize("out_dtype, residual", [(torch.bfloat16, None), (torch.float32, torch.float32)],
+                         ids=["bf16", "fp32_residual"])
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu_tanh"])
+def test_fp8_gemm_also_writes_the_next_gemms_fp8_operand_bit_exactly(activation, out_dtype, residual, q_dtype):
+    """q = sat(y·q_scale) from the fp32 y the output is rounded from (one rounding, not FP8 of BF16 of y)."""
+    gen = torch.Generator().manual_seed(17)
+    case = epilogue_case((37, 45, 40), gen, torch.bfloat16, residual)
+    got, expected = run_both(case, 2 / 3, out_dtype, activation=activation, q_dtype=q_dtype, q_scale=4.0)
+    assert_same_bits(got, expected)
+    (out, q), y = got, reference.scaled_mm(**{**case, "alpha": 2 / 3}, out_dtype=torch.float32, activation=activation,
+                                           **({"c_skip": math.sqrt(0.7), "c_branch": math.sqrt(0.3)} if residual else {}))
+    assert q.dtype == q_dtype and torch.equal(bits(q), bits(cast_fp8(y, FP8_FORMAT[q_dtype], 4.0)))
+    saturated = float((q.float().abs() == epilogue.FP8_MAX[q_dtype]).float().mean())
+    assert saturated < 0.5 and 0 < float((q.float() != 0).float().mean())
+
+
 @pytest.mark.parametrize("mnk", [(1, 45, 40), (70, 1, 24), (33, 47, 80), (64, 64, 64), (100, 37, 16)])
 @pytest.mark.parametrize("activation, alpha", [("silu", 48.0), ("gelu", 48.0), ("gelu_tanh", 48.0), ("relu", 0.125)])
 def test_fp8_gemm_fused_epilogue_is_bit_exact_on_ragged_shapes_and_saturating_activations(mnk, activation, alpha):
@@ -374,7 +397,7 @@ def _bad_calls():
         "gate must have shape (8, 4), got (4, 8)": dict(a_q=a, b_t_q=b, gate=torch.zeros(4, 8)),
         "residual dtype must be one of": dict(a_q=a, b_t_q=b, residual=torch.zeros(8, 4, dtype=torch.int32)),
         "bias must have shape (4,), got (8,)": dict(a_q=a, b_t_q=b, bias=torch.zeros(8)),
-        "need a residual tensor": dict(a_q=a, b_t_q=b, c_skip=0.5),
+        "weights a residual tensor": dict(a_q=a, b_t_q=b, c_skip=0.5),
         "out_dtype must be one of": dict(a_q=a, b_t_q=b, out_dtype=torch.int8),
         "applies to FP8 outputs only": dict(a_q=a, b_t_q=b, out_scale=4.0),
         "out_scale must be a finite positive number": dict(a_q=a, b_t_q=b, out_dtype=torch.float8_e4m3fn,

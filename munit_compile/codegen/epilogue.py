@@ -5,9 +5,11 @@ On the fp32 accumulator acc = a_q @ b_qᵀ, in this order, each step rounded to 
     y = (acc·inv_scale + bias)·α                 the operand scales undone, bias, the μS multiplier
     y = act(y)                                   `ACTIVATIONS`
     y = y·gate                                   optional gate tensor [M, N] (SwiGLU: silu(x)·g)
-    y = c_skip·residual + c_branch·y             optional residual [M, N] (fixed-τ residual)
+    y = c_skip·residual + c_branch·y             optional residual [M, N] (fixed-τ residual); without one,
+                                                 y = c_branch·y (a constant output multiplier, 1 = exact)
     out = y.to(out_dtype)                        BF16 / FP16 / FP32, rounded once
     out = sat(y·out_scale).to(fp8)               FP8: clamp to ±max(format) first (what cvt.rn.satfinite does)
+    q = sat(y·q_scale).to(fp8)                   optional second output: the next GEMM's FP8 operand
 
 Every activation is written here as the exact sequence of fp32 operations the Triton kernel performs
 (`codegen.triton.fp8_gemm.ACTIVATIONS` holds the kernel's helper under the same name), so the two agree
@@ -80,7 +82,7 @@ def _check_side_input(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
 
 def check(M: int, N: int, *, activation: str, gate: torch.Tensor | None, residual: torch.Tensor | None,
           c_skip: float, c_branch: float, out_dtype: torch.dtype, out_scale: float, transposed_copy: bool,
-          where: str = "scaled_mm") -> None:
+          q_dtype: torch.dtype | None = None, q_scale: float = 1.0, where: str = "scaled_mm") -> None:
     """ValueError naming the argument if the epilogue options of an [M, N] GEMM are ill-formed."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{where}: unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
@@ -89,12 +91,17 @@ def check(M: int, N: int, *, activation: str, gate: torch.Tensor | None, residua
     for name, c in (("c_skip", c_skip), ("c_branch", c_branch)):
         if not (isinstance(c, (int, float)) and math.isfinite(c)):
             raise ValueError(f"{where}: {name} must be a finite number, got {c!r}")
-    if residual is None and (c_skip, c_branch) != (1.0, 1.0):
-        raise ValueError(f"{where}: c_skip={c_skip}, c_branch={c_branch} need a residual tensor")
+    if residual is None and c_skip != 1.0:
+        raise ValueError(f"{where}: c_skip={c_skip} weights a residual tensor; pass residual")
     if not (isinstance(out_scale, (int, float)) and math.isfinite(out_scale) and out_scale > 0):
         raise ValueError(f"{where}: out_scale must be a finite positive number, got {out_scale!r}")
     if out_dtype not in FP8_MAX and out_scale != 1.0:
         raise ValueError(f"{where}: out_scale={out_scale} applies to FP8 outputs only, out_dtype is {out_dtype}")
+    if q_dtype is not None and q_dtype not in FP8_MAX:
+        raise ValueError(f"{where}: q_dtype is the next GEMM's FP8 operand: one of {[str(d) for d in FP8_MAX]}, "
+                         f"got {q_dtype}")
+    if not (isinstance(q_scale, (int, float)) and math.isfinite(q_scale) and q_scale > 0):
+        raise ValueError(f"{where}: q_scale must be a finite positive number, got {q_scale!r}")
     if out_dtype not in FP8_MAX and transposed_copy:
         raise ValueError(f"{where}: transposed_copy writes the FP8 copy for the backward; out_dtype is {out_dtype}")
 
@@ -111,6 +118,8 @@ def apply(acc: torch.Tensor, inv_scale: float, bias: torch.Tensor | None = None,
         y = y * gate.to(torch.float32)
     if residual is not None:
         y = c_skip * residual.to(torch.float32) + c_branch * y
+    else:
+        y = c_branch * y
     return y
 
 

@@ -47,21 +47,24 @@ def linear_out_dtype(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: 
 def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: torch.Tensor | None = None,
               alpha: float = 1.0, out_dtype: torch.dtype = torch.float32, *, activation: str = "none",
               gate: torch.Tensor | None = None, residual: torch.Tensor | None = None, c_skip: float = 1.0,
-              c_branch: float = 1.0, out_scale: float = 1.0,
-              transposed_copy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              c_branch: float = 1.0, out_scale: float = 1.0, transposed_copy: bool = False,
+              q_dtype: torch.dtype | None = None, q_scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The FP8 GEMM with its epilogue, on FP8 operands a_q[M,K], b_t_q[N,K] ("TN"), in the Triton kernel's order:
 
         y = act((acc·inv_scale + bias)·α)·gate,  y = c_skip·residual + c_branch·y,  acc = a_q @ b_t_qᵀ
     all in fp32, rounded once to out_dtype (FP8: sat(y·out_scale)); see `codegen.epilogue`. With
-    transposed_copy (FP8 outputs) it returns (out [M,N], outᵀ [N,M] contiguous)."""
+    transposed_copy (FP8 outputs) it returns (out [M,N], outᵀ [N,M] contiguous); with q_dtype also, last,
+    q = sat(y·q_scale) in that FP8 dtype, from the same fp32 y (the next GEMM's operand)."""
     epilogue.check(a_q.shape[0], b_t_q.shape[0], activation=activation, gate=gate, residual=residual, c_skip=c_skip,
                    c_branch=c_branch, out_dtype=out_dtype, out_scale=out_scale, transposed_copy=transposed_copy,
-                   where="reference.scaled_mm")
+                   q_dtype=q_dtype, q_scale=q_scale, where="reference.scaled_mm")
     acc = a_q.to(torch.float32) @ b_t_q.to(torch.float32).t()
     y = epilogue.apply(acc, inv_scale, bias, alpha, activation=activation, gate=gate, residual=residual,
                        c_skip=c_skip, c_branch=c_branch)
     out = epilogue.round_out(y, out_dtype, out_scale)
-    return (out, out.t().contiguous()) if transposed_copy else out
+    outputs = (out, *((out.t().contiguous(),) if transposed_copy else ()),
+               *((epilogue.round_out(y, q_dtype, q_scale),) if q_dtype is not None else ()))
+    return outputs if len(outputs) > 1 else out
 
 
 def fp8_linear(
@@ -80,16 +83,20 @@ def fp8_linear(
     c_skip: float = 1.0,
     c_branch: float = 1.0,
     x_q: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q_dtype: torch.dtype | None = None,
+    q_scale: float = 1.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = c_skip·r + c_branch·act(α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias))·gate: fp32 accumulate, every
     epilogue step in fp32 (`epilogue.apply`), rounded once to out_dtype (default `linear_out_dtype`).
-    x_q, if given, is q(x·s_x) already cast (FP8): the GEMM reads it instead of casting x."""
+    x_q, if given, is q(x·s_x) already cast (FP8): the GEMM reads it instead of casting x. With q_dtype it
+    returns (y, sat(y·q_scale) in q_dtype from the same fp32 y)."""
     x2 = (x_q if x_q is not None else x).reshape(-1, x.shape[-1])
     out = scaled_mm(quantized(x2, fwd_format, x_scale), cast_fp8(w, fwd_format, w_scale), 1.0 / (x_scale * w_scale),
                     bias, alpha, out_dtype=linear_out_dtype(x, residual) if out_dtype is None else out_dtype,
                     activation=activation, gate=rows(gate), residual=rows(residual),
-                    c_skip=c_skip, c_branch=c_branch)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+                    c_skip=c_skip, c_branch=c_branch, q_dtype=q_dtype, q_scale=q_scale)
+    shape = (*x.shape[:-1], w.shape[0])
+    return tuple(t.reshape(shape) for t in out) if q_dtype is not None else out.reshape(shape)
 
 
 def cast_transpose(x: torch.Tensor, scale: float, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,16 +23,25 @@ def _munit_decompositions() -> dict:
     """munit's custom ops as their exact references, so the export shows the FP8 casts themselves."""
     import munit_compile.ops  # noqa: F401  (registers the ops)
     from munit_compile.codegen import reference
+    from munit_compile.ops.formats import fp8_format
 
     def fp8_linear(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none",
-                   gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0, out_dtype=None):
+                   gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0, out_dtype=None,
+                   q_scale=None, q_format="e4m3"):
         # grad_multiplier acts in backward only, which this decomposition derives from the forward it spells out
         return reference.fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
                                     reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
-                                    residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q)
+                                    residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q,
+                                    q_dtype=None if q_scale is None else fp8_format(q_format).dtype,
+                                    q_scale=1.0 if q_scale is None else q_scale)
+
+    def fp8_linear_q(*args, **kwargs):  # (y, y_q): q_scale defaults to 1.0 here, as in the op's schema
+        names = [a.name for a in torch.ops.munit.fp8_linear_q.default._schema.arguments]
+        return fp8_linear(**{"q_scale": 1.0, **dict(zip(names, args)), **kwargs})
 
     return {
         torch.ops.munit.fp8_linear.default: fp8_linear,
+        torch.ops.munit.fp8_linear_q.default: fp8_linear_q,
         torch.ops.munit.fp8_gemm.default: reference.fp8_gemm,
         torch.ops.munit.grad_scale.default: lambda x, scale: x.clone(),
     }

@@ -80,7 +80,8 @@ def fp8_linear(
     grad_multiplier: float = 1.0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """y[..., N] = c_skip·r + c_branch·act(α·(x[..., K] @ w[N, K]ᵀ + bias))·gate, static-scaled FP8 operands
+    """y[..., N] = c_skip·r + c_branch·act(α·(x[..., K] @ w[N, K]ᵀ + bias))·gate (r = 0 without a residual),
+    static-scaled FP8 operands
     (x_q: x's FP8 copy, already cast); output in out_dtype (default x.dtype; autocast's dtype when the
     replaced GEMM ran under autocast), promoted with the residual's. Backward multiplies the gradient of the
     pre-activation z by grad_multiplier (a folded `munit::grad_scale`) before its cast."""
@@ -97,6 +98,49 @@ def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
                        residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=reference.linear_out_dtype(x, residual, out_dtype))
+
+
+@torch.library.custom_op("munit::fp8_linear_q", mutates_args=())
+def fp8_linear_q(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    w_scale: float,
+    grad_scale: float,
+    fwd_format: str,
+    grad_format: str,
+    alpha: float = 1.0,
+    activation: str = "none",
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    c_skip: float = 1.0,
+    c_branch: float = 1.0,
+    x_q: torch.Tensor | None = None,
+    grad_multiplier: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    q_scale: float = 1.0,
+    q_format: str = "e4m3",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, y_q): `fp8_linear`'s y, and y_q = sat(y·q_scale) in FP8 q_format from the same fp32 y, written by
+    the same epilogue: the next GEMM's operand (`passes.fuse`'s gemm_fp8_output). y_q has no gradient."""
+    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
+                       residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+    check_scale(q_scale, "munit::fp8_linear_q q_scale")
+    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
+                                     reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
+                                     residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q,
+                                     q_dtype=fp8_format(q_format).dtype, q_scale=q_scale)
+
+
+@fp8_linear_q.register_fake
+def _fp8_linear_q_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
+                       activation="none", gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None,
+                       grad_multiplier=1.0, out_dtype=None, q_scale=1.0, q_format="e4m3"):
+    y = _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
+                         residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+    check_scale(q_scale, "munit::fp8_linear_q q_scale")
+    return y, y.new_empty(y.shape, dtype=fp8_format(q_format).dtype)
 
 
 @dataclass(frozen=True)
@@ -149,6 +193,15 @@ def _epilogue_backward(ctx, x_saved, w, bias, gate, grad_y):
     return grad_z, grad_gate, grad_residual
 
 
+def _fp8_linear_q_setup_context(ctx, inputs, output):
+    _fp8_linear_setup_context(ctx, inputs[:-2], output[0])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fp8_linear_q_backward(ctx, grad_y, grad_q):
+    return (*_fp8_linear_backward(ctx, grad_y), None, None)
+
+
 def _fp8_linear_backward(ctx, grad_y):
     x_saved, w, bias, gate = ctx.saved_tensors
     x_scale, w_scale, grad_scale = ctx.scales
@@ -197,6 +250,7 @@ def _scaled(t: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup_context)
+fp8_linear_q.register_autograd(_fp8_linear_q_backward, setup_context=_fp8_linear_q_setup_context)
 
 
 def _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format):
@@ -241,8 +295,8 @@ def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, gra
         if t is not None and (tuple(t.shape) != out_shape or not t.dtype.is_floating_point):
             raise ValueError(f"munit::fp8_linear {name} must be a float tensor of the output's shape {out_shape}, "
                              f"got {t.dtype} {tuple(t.shape)}")
-    if residual is None and (c_skip, c_branch) != (1.0, 1.0):
-        raise ValueError(f"munit::fp8_linear: c_skip={c_skip}, c_branch={c_branch} weight a residual add; pass residual")
+    if residual is None and c_skip != 1.0:
+        raise ValueError(f"munit::fp8_linear: c_skip={c_skip} weights a residual add; pass residual")
     for name, c in (("c_skip", c_skip), ("c_branch", c_branch), ("grad_multiplier", grad_multiplier)):
         if not (isinstance(c, float) and math.isfinite(c)):
             raise ValueError(f"munit::fp8_linear {name} must be a finite float, got {c!r}")

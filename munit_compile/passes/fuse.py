@@ -12,8 +12,10 @@
 The patterns (`FUSIONS`, tried in order at every node until none fires):
 - gemm_activation   act(fp8_linear)          → activation epilogue (gelu, gelu_tanh, silu, relu)
 - gemm_gate         fp8_linear · t           → gate epilogue (SwiGLU: silu(x Wgᵀ)·(x Wuᵀ))
+- gemm_scale        fp8_linear · c           → c_branch·y (a constant output multiplier, μS's after GELU)
 - gemm_residual     c₁·r + c₂·fp8_linear     → residual epilogue (fixed-τ: c₁ = √(1−τ), c₂ = √τ)
 - fp8_input         every FP8 GEMM reading x → one `munit.quantize(x)` shared by them; backward saves it
+- gemm_fp8_output   quantize(fp8_linear)     → fp8_linear_q: the epilogue also writes the next GEMM's operand
 Each `match(node)` returns what its rewrite needs, or None to decline; a match needs the GEMM's output to
 have no other reader (fusing would have to write it too). Rewritten GEMMs keep their FP8 plan, and the
 fused node takes the replaced root's metadata (`val`, σ forward and backward). `kernel_of` names the kernel
@@ -23,14 +25,15 @@ A written-out activation (GPT-2's `gelu_new`: mul, pow, add, tanh, ... on the Co
 is recognised by `idioms.match_activation_idiom` (gemm_activation_idiom; the formula must read only the
 GEMM's output and end in its dtype).
 
-Not fused: the GEMM's FP8 output straight into the next GEMM (the next GEMM's cast is a separate `quantize`
-of the BF16 output), and norms into a hand-written prologue kernel (Inductor fuses the quantize into the
-norm's kernel instead).
+Norms are not fused into a hand-written prologue kernel: Inductor fuses the quantize into the norm's kernel
+(a pointwise epilogue of its reduction). The GEMM still writes y in BF16 next to its FP8 copy: y is the
+next GEMM's autograd input, though only the copy is read (forward and backward).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import Counter
 from dataclasses import dataclass
 from numbers import Real
@@ -46,6 +49,7 @@ from munit_compile.passes import idioms
 
 aten = torch.ops.aten
 FP8_LINEAR = torch.ops.munit.fp8_linear.default
+FP8_LINEAR_Q = torch.ops.munit.fp8_linear_q.default  # also writes the next GEMM's FP8 operand (gemm_fp8_output)
 QUANTIZE = torch.ops.munit.quantize.default
 GRAD_SCALE = torch.ops.munit.grad_scale.default  # identity forward: transparent, its constant goes to grad_multiplier
 _SCHEMA = FP8_LINEAR._schema.arguments
@@ -65,10 +69,18 @@ def is_fp8_linear(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is FP8_LINEAR
 
 
+def is_fp8_gemm(node: Any) -> bool:
+    """fp8_linear or fp8_linear_q: an FP8 GEMM with its plan (what the report lists)."""
+    return is_fp8_linear(node) or isinstance(node, fx.Node) and node.op == "call_function" \
+        and node.target is FP8_LINEAR_Q
+
+
 def linear_args(node: fx.Node) -> dict[str, Any]:
-    """An fp8_linear node's arguments by name, defaults filled in (positional or keyword)."""
-    args = dict(zip(LINEAR_PARAMS, node.args))
-    return {name: args.get(name, node.kwargs.get(name, LINEAR_DEFAULTS.get(name))) for name in LINEAR_PARAMS}
+    """An fp8_linear(_q) node's arguments by name, defaults filled in (positional or keyword)."""
+    schema = node.target._schema.arguments
+    args = dict(zip((a.name for a in schema), node.args))
+    return {a.name: args.get(a.name, node.kwargs.get(a.name, a.default_value if a.has_default_value() else None))
+            for a in schema}
 
 
 def _call_args(args: dict[str, Any]) -> tuple[tuple, dict]:
@@ -87,7 +99,9 @@ def kernel_name(args: dict[str, Any]) -> str:
     parts = ["fp8_gemm"]
     parts += [args["activation"]] if args["activation"] != "none" else []
     parts += ["gate"] if args["gate"] is not None else []
+    parts += ["scale"] if args["residual"] is None and args["c_branch"] != 1.0 else []
     parts += ["residual"] if args["residual"] is not None else []
+    parts += ["fp8_out"] if "q_scale" in args else []
     return "+".join(parts) + (" <- fp8 x" if args["x_q"] is not None else "")
 
 
@@ -203,8 +217,9 @@ class _Epilogue:
 
 
 def _bare_epilogue(args: dict[str, Any], *steps: str) -> bool:
-    """None of these epilogue steps (and none after them: act → gate → residual) is fused yet."""
-    after = {"activation": ("activation", "gate", "residual"), "gate": ("gate", "residual"), "residual": ("residual",)}
+    """None of these epilogue steps (and none after them: act → gate → scale → residual) is fused yet."""
+    after = {"activation": ("activation", "gate", "c_branch", "residual"), "gate": ("gate", "c_branch", "residual"),
+             "scale": ("residual",), "residual": ("residual",)}
     names = {n for step in steps for n in after[step]}
     return all(_is_default(n, args[n]) for n in names)
 
@@ -257,6 +272,27 @@ def _has_activation(node: Any) -> bool:
     return is_fp8_linear(node) and linear_args(node)["activation"] != "none"
 
 
+# ---------------------------------------------------------------- gemm_scale: fp8_linear · c
+
+def _constant(value: Any) -> float | None:
+    return float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
+
+
+def _match_gemm_scale(node: fx.Node) -> _Epilogue | None:
+    """fp8_linear (no residual yet) times a Python constant, its only reader: c_branch ← c_branch·c
+    (μS's output multipliers after an activation)."""
+    found = _reader(node)
+    if found is None or not _bare_epilogue(linear_args(node), "scale"):
+        return None
+    user, value, chain = found
+    if user.target is not aten.mul.Tensor or len(user.args) != 2 or user.kwargs or value not in user.args:
+        return None
+    (c,) = [_constant(a) for a in user.args if a is not value] or (None,)
+    if c is None or not math.isfinite(c) or not _same_tensor_type(user, value):
+        return None
+    return _Epilogue(node, user, {"c_branch": linear_args(node)["c_branch"] * c}, chain)
+
+
 # ---------------------------------------------------------------- gemm_residual: c₁·r + c₂·fp8_linear
 
 def _skip_and_coefficient(r: fx.Node) -> tuple[fx.Node, float]:
@@ -291,6 +327,7 @@ def _match_gemm_residual(node: fx.Node) -> _Epilogue | None:
         return None
     skip, c = _skip_and_coefficient(r)
     c_skip, c_branch = (c, float(alpha)) if b is value else (c * float(alpha), 1.0)  # add(a, b) = a + alpha·b
+    c_branch *= linear_args(node)["c_branch"]  # a constant output multiplier folded before (gemm_scale)
     return _Epilogue(node, user, {"residual": skip, "c_skip": c_skip, "c_branch": c_branch}, chain)
 
 
@@ -382,12 +419,56 @@ def _rewrite_gemm_activation_idiom(gm: fx.GraphModule, m: _GemmIdiom) -> None:
     _replace_with_linear(gm, m.epilogue, m.interior)
 
 
+# ---------------------------------------------------------------- gemm_fp8_output: the next GEMM's cast
+
+@dataclass(frozen=True)
+class _FP8Output:
+    gemm: fx.Node
+    cast: fx.Node  # munit.quantize of the GEMM's output (through transparent ops)
+
+
+def _match_gemm_fp8_output(node: fx.Node) -> _FP8Output | None:
+    """quantize(y) of an fp8_linear's y (through forward-identity ops) whose epilogue is final (no other
+    pattern matches it): the epilogue writes the FP8 copy from its fp32 value instead."""
+    if node.op != "call_function" or node.target is not QUANTIZE:
+        return None
+    gemm = node.args[0]
+    while isinstance(gemm, fx.Node) and (gemm.target is GRAD_SCALE or gemm.target in TRANSPARENT
+                                         and TRANSPARENT[gemm.target](gemm)):
+        gemm = gemm.args[0]
+    if not is_fp8_linear(gemm) or any(f.match(gemm) is not None for f in FUSIONS[:-1]):
+        return None
+    return _FP8Output(gemm, node)
+
+
+def _rewrite_gemm_fp8_output(gm: fx.GraphModule, m: _FP8Output) -> None:
+    graph, (_, scale, fmt) = gm.graph, m.cast.args
+    positional, keyword = _call_args(linear_args(m.gemm))
+    with graph.inserting_before(m.gemm):
+        fused = graph.call_function(FP8_LINEAR_Q, positional, {**keyword, "q_scale": scale, "q_format": fmt})
+        y, y_q = (graph.call_function(operator.getitem, (fused, i)) for i in (0, 1))
+    y_val = m.gemm.meta["val"]
+    y_q_val = cast_fp8(y_val, fmt, scale)
+    fused.meta.update({**m.gemm.meta, "val": (y_val, y_q_val)})
+    y.meta.update(m.gemm.meta)
+    y_q.meta["val"] = y_q_val
+    m.gemm.replace_all_uses_with(y)
+    graph.erase_node(m.gemm)
+    if y_q_val.shape != m.cast.meta["val"].shape:  # a row view came between: view the copy the same way
+        with graph.inserting_before(m.cast):
+            y_q = _reshape(gm, y_q, list(m.cast.meta["val"].shape))
+    m.cast.replace_all_uses_with(y_q)
+    graph.erase_node(m.cast)
+
+
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("gemm_activation", _match_gemm_activation, _rewrite_epilogue),
     Fusion("gemm_activation_idiom", _match_gemm_activation_idiom, _rewrite_gemm_activation_idiom),
     Fusion("gemm_gate", _match_gemm_gate, _rewrite_epilogue),
+    Fusion("gemm_scale", _match_gemm_scale, _rewrite_epilogue),
     Fusion("gemm_residual", _match_gemm_residual, _rewrite_epilogue),
     Fusion("fp8_input", _match_fp8_input, _rewrite_fp8_input),
+    Fusion("gemm_fp8_output", _match_gemm_fp8_output, _rewrite_gemm_fp8_output),  # last: needs a final epilogue
 )
 
 
@@ -410,7 +491,7 @@ def fuse(gm: fx.GraphModule, fusions: tuple[Fusion, ...] = FUSIONS) -> tuple[dic
             break
     kernels = {}
     for node in gm.graph.nodes:
-        if is_fp8_linear(node) and META_PLAN in node.meta:
+        if is_fp8_gemm(node) and META_PLAN in node.meta:
             plan = node.meta[META_PLAN] = dataclasses.replace(node.meta[META_PLAN], fused_kernel=kernel_of(node))
             kernels[plan.node] = plan.fused_kernel
     gm.graph.lint()

@@ -120,9 +120,10 @@ def mainloop_tma(a_desc, b_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N
 @triton.jit
 def epilogue_tile(acc, rm, rn, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                   stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                  inv_scale, alpha, c_skip, c_branch, out_scale,
+                  inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
-                  HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr):
+                  HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr,
+                  Q_MAX: tl.constexpr):
     """The fused epilogue on the fp32 tile acc at rows rm, columns rn (`codegen.epilogue`, in its order),
     stored to c (and ct = cᵀ)."""
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -136,6 +137,11 @@ def epilogue_tile(acc, rm, rn, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
     if HAS_RESIDUAL:
         residual = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0)
         acc = c_skip * residual.to(tl.float32) + c_branch * acc
+    else:
+        acc = c_branch * acc
+    if Q_MAX is not None:  # the next GEMM's FP8 operand, from the same fp32 value: sat(y·q_scale)
+        q = tl.clamp(acc * q_scale, -Q_MAX, Q_MAX).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + rm[:, None] * stride_qm + rn[None, :] * stride_qn, q, mask=mask)
     if OUT_MAX is not None:
         acc = tl.clamp(acc * out_scale, -OUT_MAX, OUT_MAX)
     out = acc.to(c_ptr.dtype.element_ty)
@@ -147,9 +153,9 @@ def epilogue_tile(acc, rm, rn, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
 @triton.jit
 def epilogue_store(acc, off_m, off_n, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                    stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                   inv_scale, alpha, c_skip, c_branch, out_scale,
+                   inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr, Q_MAX: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
     """`epilogue_tile` on the output tile at (off_m, off_n), the one epilogue both schedules call: whole,
     or (EPILOGUE_SPLIT = 2) as two [BLOCK_M, BLOCK_N/2] halves, which keeps fewer registers live."""
@@ -159,18 +165,18 @@ def epilogue_store(acc, off_m, off_n, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, r
         rn = off_n + tl.arange(0, BLOCK_N // 2)
         epilogue_tile(left, rm, rn, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                       stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                      inv_scale, alpha, c_skip, c_branch, out_scale,
-                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY)
+                      inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY, Q_MAX)
         epilogue_tile(right, rm, rn + BLOCK_N // 2, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                       stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                      inv_scale, alpha, c_skip, c_branch, out_scale,
-                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY)
+                      inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY, Q_MAX)
     else:
         tl.static_assert(EPILOGUE_SPLIT == 1, "EPILOGUE_SPLIT is 1 or 2")
         epilogue_tile(acc, rm, off_n + tl.arange(0, BLOCK_N), M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                       stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                      inv_scale, alpha, c_skip, c_branch, out_scale,
-                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY)
+                      inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY, Q_MAX)
 
 
 @triton.jit
@@ -178,9 +184,9 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                     M, N, K,
                     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_ctn, stride_ctm,
                     stride_gm, stride_gn, stride_rm, stride_rn,
-                    inv_scale, alpha, c_skip, c_branch, out_scale,
+                    inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
-                    HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr, Q_MAX: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     EPILOGUE_SPLIT: tl.constexpr):
     """Tiled schedule: one program per [BLOCK_M, BLOCK_N] tile of c (and of ct = cᵀ); ACTIVATION is a
@@ -192,8 +198,8 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                    BLOCK_M, BLOCK_N, BLOCK_K)
     epilogue_store(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                    stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                   inv_scale, alpha, c_skip, c_branch, out_scale,
-                   HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY,
+                   inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
+                   HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY, Q_MAX,
                    BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
 
 
@@ -202,9 +208,9 @@ def fp8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, ct_ptr, bias_ptr, gate_ptr, 
                                M, N, K,
                                stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_ctn,
                                stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                               inv_scale, alpha, c_skip, c_branch, out_scale,
+                               inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
                                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
-                               HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr,
+                               HAS_RESIDUAL: tl.constexpr, OUT_MAX: tl.constexpr, TRANSPOSED_COPY: tl.constexpr, Q_MAX: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, NUM_SMS: tl.constexpr,
                                USE_TMA: tl.constexpr):
@@ -227,8 +233,8 @@ def fp8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, ct_ptr, bias_ptr, gate_ptr, 
                            BLOCK_M, BLOCK_N, BLOCK_K)
         epilogue_store(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_ptr, ct_ptr, bias_ptr, gate_ptr, res_ptr,
                        stride_cm, stride_cn, stride_ctn, stride_ctm, stride_gm, stride_gn, stride_rm, stride_rn,
-                       inv_scale, alpha, c_skip, c_branch, out_scale,
-                       HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY,
+                       inv_scale, alpha, c_skip, c_branch, out_scale, q_ptr, stride_qm, stride_qn, q_scale,
+                       HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL, OUT_MAX, TRANSPOSED_COPY, Q_MAX,
                        BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
 
 
@@ -316,13 +322,14 @@ def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: to
               alpha: float = 1.0, out_dtype: torch.dtype = torch.bfloat16, config: dict | str | None = None, *,
               activation: str = "none", gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
               c_skip: float = 1.0, c_branch: float = 1.0, out_scale: float = 1.0,
-              transposed_copy: bool = False,
-              schedule: str = "tiled") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              transposed_copy: bool = False, q_dtype: torch.dtype | None = None, q_scale: float = 1.0,
+              schedule: str = "tiled") -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The FP8 GEMM with its fused epilogue: a_q [M, K] and b_t_q [N, K] FP8 (E4M3, or one E5M2 operand).
 
     bias [N]; gate and residual [M, N] in BF16/FP16/FP32; activation one of `ACTIVATIONS`; out_dtype
     BF16/FP16/FP32, or FP8 (float8_e4m3fn / float8_e5m2) with out_scale, and with transposed_copy the
-    result is (out [M, N], outᵀ [N, M]). Math and order: `reference.scaled_mm`. schedule: "tiled"
+    result is (out [M, N], outᵀ [N, M]); q_dtype (FP8) also returns q = sat(y·q_scale) [M, N], the next GEMM's
+    operand from the same fp32 y, last in the tuple. Math and order: `reference.scaled_mm`. schedule: "tiled"
     (`fp8_gemm_kernel`) or "persistent" (`fp8_gemm_persistent_kernel`), bit-identical results. config: a
     dict over `DEFAULT_CONFIG` (plus NUM_SMS, TMA for the persistent schedule), None for `default_config`,
     or "autotune" (CUDA only: `gemm_configs.autotune` times the table once per shape and epilogue).
@@ -334,29 +341,34 @@ def scaled_mm(a_q: torch.Tensor, b_t_q: torch.Tensor, inv_scale: float, bias: to
     M, K = a_q.shape
     N = b_t_q.shape[0]
     epilogue.check(M, N, activation=activation, gate=gate, residual=residual, c_skip=c_skip,
-                   c_branch=c_branch, out_dtype=out_dtype, out_scale=out_scale, transposed_copy=transposed_copy)
+                   c_branch=c_branch, out_dtype=out_dtype, out_scale=out_scale, transposed_copy=transposed_copy,
+                   q_dtype=q_dtype, q_scale=q_scale)
     if config == "autotune" and a_q.device.type != "cuda":
         raise ValueError(f"scaled_mm: config='autotune' times kernels on a CUDA GPU; the operands are on {a_q.device}")
     cfg = _resolve_config(config, M, N, K, a_q.device)
     c = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     ct = torch.empty((N, M), dtype=out_dtype, device=a_q.device) if transposed_copy else c
+    q = torch.empty((M, N), dtype=q_dtype, device=a_q.device) if q_dtype is not None else c
     gate_, res_ = (gate if gate is not None else c), (residual if residual is not None else c)
     args = (a_q, b_t_q, c, ct, bias if bias is not None else c, gate_, res_,
             M, N, K,
             a_q.stride(0), a_q.stride(1), b_t_q.stride(0), b_t_q.stride(1), c.stride(0), c.stride(1),
             ct.stride(0), ct.stride(1), gate_.stride(0), gate_.stride(1), res_.stride(0), res_.stride(1),
-            float(inv_scale), float(alpha), float(c_skip), float(c_branch), float(out_scale))
+            float(inv_scale), float(alpha), float(c_skip), float(c_branch), float(out_scale),
+            q, q.stride(0), q.stride(1), float(q_scale))
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_GATE=gate is not None,
                 HAS_RESIDUAL=residual is not None, OUT_MAX=epilogue.FP8_MAX.get(out_dtype),
-                TRANSPOSED_COPY=transposed_copy)
+                TRANSPOSED_COPY=transposed_copy, Q_MAX=epilogue.FP8_MAX[q_dtype] if q_dtype is not None else None)
     launch = lambda tile: _launch(schedule, args, meta, {**cfg, **tile.as_dict()})  # noqa: E731
     if config == "autotune":
         key = (M, N, K, a_q.dtype, b_t_q.dtype, out_dtype, schedule, activation, bias is not None,
                None if gate is None else gate.dtype, None if residual is None else residual.dtype, transposed_copy,
+               q_dtype,
                torch.cuda.get_device_name(a_q.device))
         cfg.update(gemm_configs.autotune(launch, key).as_dict())
     _launch(schedule, args, meta, cfg)
-    return (c, ct) if transposed_copy else c
+    outputs = (c, *((ct,) if transposed_copy else ()), *((q,) if q_dtype is not None else ()))
+    return outputs if len(outputs) > 1 else c
 
 
 def _launch(schedule: str, args: tuple, meta: dict, cfg: dict) -> None:

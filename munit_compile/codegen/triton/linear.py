@@ -28,11 +28,12 @@ def fp8_gemm(a, b_t, a_scale, b_scale, a_format, b_format, out_dtype):
 
 
 def fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha=1.0, activation="none", out_dtype=None, *,
-               gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None):
+               gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, q_dtype=None, q_scale=1.0):
     """As `reference.fp8_linear`."""
     x2 = (x_q if x_q is not None else x).reshape(-1, x.shape[-1])
     out = gemm.scaled_mm(_cast(x2, x_scale, fwd_format), _cast(w, w_scale, fwd_format), 1.0 / (x_scale * w_scale),
                          bias, alpha, out_dtype=linear_out_dtype(x, residual) if out_dtype is None else out_dtype,
                          activation=activation, gate=rows(gate), residual=rows(residual), c_skip=c_skip,
-                         c_branch=c_branch)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+                         c_branch=c_branch, q_dtype=q_dtype, q_scale=q_scale)
+    shape = (*x.shape[:-1], w.shape[0])
+    return tuple(t.reshape(shape) for t in out) if q_dtype is not None else out.reshape(shape)
