@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections import Counter
 import time
 
@@ -520,6 +521,22 @@ def test_backward_saves_the_fp8_copies_instead_of_the_gemm_inputs(name, autocast
     fused, unfused = (_saved_bytes(model, step, _ids(), fuse, autocast) for fuse in (True, False))
     print(f"{name}: saved for backward {unfused} B unfused, {fused} B fused ({predicted} B predicted less)")
     assert predicted > 0 and unfused - fused >= predicted
+
+
+def test_inductor_fuses_each_fp8_cast_into_the_kernel_that_produces_its_input():
+    """munit.quantize decomposes to mul/clamp/convert, so Inductor writes each GEMM input's FP8 copy from the
+    kernel that computes it (the norm → FP8 prologue, the attention output's reshape) and no kernel only
+    casts; the MLP hidden's copy comes from its GEMM's epilogue (fp8_linear_q), not from a kernel at all."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = torch.compile(builtin_gpt(), backend=munit.backend(munit.Config()))
+    _, (forward_code, *_) = run_and_get_code(lambda: _gpt_step(model, _ids()))
+    kernels = re.findall(r"^(cpp_fused\w+) = async_compile", forward_code, re.M)
+    casting = [k for k in kernels if "clamp" in k]
+    assert sum("native_layer_norm" in k for k in casting) >= 3  # 4 norms feed GEMMs; one kernel may hold two
+    assert all("native_layer_norm" in k or "transpose" in k for k in casting), kernels
+    assert "torch.ops.munit.fp8_linear_q.default" in forward_code
 
 
 # ---------------------------------------------------------------- (3) training
