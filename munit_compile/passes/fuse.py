@@ -6,11 +6,13 @@
             y = aten.add(r, munit.fp8_linear(h, Wd, ...), alpha=c)
     after:  x_q = munit.quantize(x, s_x, "e4m3")                                  # one cast, fused into x's producer
             u = munit.fp8_linear(x, Wu, ..., x_q=x_q)
-            h = munit.fp8_linear(x, Wg, ..., activation="silu", gate=u, x_q=x_q)  # silu(z)·u from fp32 z
-            y = munit.fp8_linear(h, Wd, ..., residual=r, c_branch=c, x_q=munit.quantize(h, ...))
+            h, h_q = munit.fp8_linear_q(x, Wg, ..., activation="silu", gate=u, x_q=x_q, q_scale=s_h)
+                                                       # silu(z)·u from fp32 z, and its FP8 copy for the next GEMM
+            y = munit.fp8_linear(h, Wd, ..., residual=r, c_branch=c, x_q=h_q)
 
 The patterns (`FUSIONS`, tried in order at every node until none fires):
 - gemm_activation   act(fp8_linear)          → activation epilogue (gelu, gelu_tanh, silu, relu)
+- gemm_activation_idiom  a written-out activation formula of fp8_linear → the same
 - gemm_gate         fp8_linear · t           → gate epilogue (SwiGLU: silu(x Wgᵀ)·(x Wuᵀ))
 - gemm_scale        fp8_linear · c           → c_branch·y (a constant output multiplier, μS's after GELU)
 - gemm_residual     c₁·r + c₂·fp8_linear     → residual epilogue (fixed-τ: c₁ = √(1−τ), c₂ = √τ)
@@ -19,7 +21,9 @@ The patterns (`FUSIONS`, tried in order at every node until none fires):
 Each `match(node)` returns what its rewrite needs, or None to decline; a match needs the GEMM's output to
 have no other reader (fusing would have to write it too). Rewritten GEMMs keep their FP8 plan, and the
 fused node takes the replaced root's metadata (`val`, σ forward and backward). `kernel_of` names the kernel
-a GEMM runs as (the report's `fused_kernel`): "fp8_gemm+silu+gate", "fp8_gemm+residual <- fp8 x", ...
+a GEMM runs as (the report's `fused_kernel`): "fp8_gemm+silu+gate+fp8_out <- fp8 x", ... Ops that leave values
+unchanged between a GEMM and its epilogue op (`TRANSPARENT`: zero dropout, row reshapes) are looked through,
+and so is `munit::grad_scale` (identity forward; its constant becomes grad_multiplier).
 
 A written-out activation (GPT-2's `gelu_new`: mul, pow, add, tanh, ... on the Conv1D's view of the GEMM)
 is recognised by `idioms.match_activation_idiom` (gemm_activation_idiom; the formula must read only the
