@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Sequence
 
+import torch
 import torch.fx as fx
 
 import munit_compile.ops  # noqa: F401  (registers the munit:: custom ops)
@@ -17,10 +19,25 @@ from munit_compile.pipeline import CompileReport, run_pipeline
 log = logging.getLogger("munit_compile")
 
 
+def munit_ops_tag() -> str:
+    """A short hash of every munit:: op's schema. Inductor's on-disk cache keys a graph by its code, not by
+    the schemas of the custom ops it calls: after an op gains an argument, a cached graph would call it
+    with the old positions. The tag goes into the cache key (`torch.compiler.config.cache_key_tag`)."""
+    schemas = sorted(str(getattr(torch.ops.munit, name).default._schema) for name in MUNIT_OPS)
+    return "munit-" + hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+
+
+MUNIT_OPS = ("fp8_linear", "fp8_linear_q", "fp8_gemm", "grad_scale", "quantize")
+
+
 def _inductor(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    tag = getattr(torch.compiler.config, "cache_key_tag", None)
+    if tag is None:  # a torch without the cache key tag
+        return compile_fx(gm, example_inputs)
+    with torch.compiler.config.patch(cache_key_tag=f"{tag}|{munit_ops_tag()}" if tag else munit_ops_tag()):
+        return compile_fx(gm, example_inputs)
 
 
 def _aot_eager(gm, example_inputs):

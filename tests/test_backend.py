@@ -3,6 +3,7 @@ independent simulated-FP8 eager model, FP8-close to fp32, embedding and LM head 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -267,3 +268,19 @@ def test_a_failing_pass_falls_back_to_high_precision_unless_strict(monkeypatch, 
     assert any("boom in variance" in r.getMessage() and "high precision" in r.getMessage() for r in caplog.records)
     with pytest.raises(Exception, match="boom in variance"):
         torch.compile(copy.deepcopy(model), backend=munit.backend(FAST))(x)
+
+
+def test_inductor_cache_key_names_the_munit_op_schemas(monkeypatch):
+    """Inductor's graph cache keys on the graph's code, not on custom op schemas: the backend adds a hash of
+    every munit:: schema to the key, so a graph cached before an op gained an argument is not reused."""
+    backend_module = importlib.import_module("munit_compile.backend")  # munit_compile.backend is also a function
+    seen = []
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx",
+                        lambda gm, inputs: seen.append(torch.compiler.config.cache_key_tag) or gm.forward)
+    backend_module._inductor(torch.fx.symbolic_trace(nn.Linear(4, 4)), [torch.randn(2, 4)])
+    tag = backend_module.munit_ops_tag()
+    assert seen == [tag] and torch.compiler.config.cache_key_tag == ""
+    schemas = [str(getattr(torch.ops.munit, n).default._schema) for n in backend_module.MUNIT_OPS]
+    assert all("munit::" in s for s in schemas) and len(tag) == len("munit-") + 16
+    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("munit::")}
+    assert registered == set(backend_module.MUNIT_OPS)  # a new op must join the tag

@@ -111,13 +111,16 @@ EXPECTED = {
              {"fp8_input": 8, "gemm_activation_idiom": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
     # μS, Res-Post-LN: each branch ends in a norm, so no residual add follows a GEMM; the unit backward's
     # grad_scale after each GEMM is folded into grad_multiplier
-    # grad_scale after each GEMM is folded into grad_multiplier, a constant after the GELU into c_branch
+    # grad_scale after each GEMM is folded into grad_multiplier (through the epilogue op, or alone where a
+    # norm or a split follows), the one before into x_grad_multiplier, a constant after the GELU into c_branch
     # (layer 1 of the Res-Post-LN model has none: unit_scale folded it elsewhere)
     "mus_gpt_res_post": (["fp8_gemm", "fp8_gemm", "fp8_gemm+gelu+fp8_out", "fp8_gemm"]
                          + ["fp8_gemm", "fp8_gemm", "fp8_gemm+gelu+scale+fp8_out", "fp8_gemm"],
-                         {"fp8_input": 8, "gemm_activation": 2, "gemm_scale": 1, "gemm_fp8_output": 2}),
+                         {"input_grad_scale": 8, "output_grad_scale": 6, "fp8_input": 8, "gemm_activation": 2,
+                          "gemm_scale": 1, "gemm_fp8_output": 2}),
     "mus_gpt_pre": (["fp8_gemm", "fp8_gemm+residual", "fp8_gemm+gelu+scale+fp8_out", "fp8_gemm+residual"],
-                    {"fp8_input": 8, "gemm_activation": 2, "gemm_scale": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
+                    {"input_grad_scale": 8, "output_grad_scale": 2, "fp8_input": 8, "gemm_activation": 2,
+                     "gemm_scale": 2, "gemm_residual": 4, "gemm_fp8_output": 2}),
 }
 GPT2_FC = "fp8_gemm+gelu_tanh+fp8_out" + X8  # GPT-2's c_fc: written-out gelu_new fused, FP8 copy for c_proj
 MODELS.update({"mus_gpt_res_post": (_mus_gpt("res_post"), _gpt_step), "mus_gpt_pre": (_mus_gpt("pre"), _gpt_step)})
@@ -143,6 +146,9 @@ def test_every_eligible_chain_is_fused(name, autocast):
     assert not {n.target for n in planned.graph.nodes} & set(fuse_pass.ACTIVATION_OPS)
     casts = [n for n in planned.graph.nodes if n.target is fuse_pass.QUANTIZE]
     assert len({(n.args[0], n.args[1]) for n in casts}) == len(casts) and all(n.users for n in casts)
+    # μS: no grad_scale copy is left between an FP8 GEMM and what it reads or feeds
+    assert not [n for n in planned.graph.nodes if n.target is fuse_pass.GRAD_SCALE
+                and (fuse_pass.is_fp8_gemm(n.args[0]) or any(map(fuse_pass.is_fp8_gemm, n.users)))]
     assert fuse_pass.fuse(planned)[1] == {}
     planned.graph.lint()
 
@@ -342,14 +348,18 @@ def test_gate_residual_and_fp8_input_forward_is_the_reference_epilogue_exactly(a
 
 
 @pytest.mark.parametrize("activation", ["none", "relu"])
-def test_gate_residual_and_grad_multiplier_backward_is_autograd_of_the_unfused_ops(activation):
-    """fp32 with an activation whose formula is exact: y = c_skip·r + c_branch·act(grad_scale(z, m))·g through
-    aten ops and the fused op with x_q give bit-identical outputs and gradients (same operations, same order)."""
+def test_gate_residual_and_grad_multipliers_backward_is_autograd_of_the_unfused_ops(activation):
+    """fp32 with an activation whose formula is exact: y = c_skip·r + c_branch·act(grad_scale(z, m))·g with
+    z = fp8_linear(grad_scale(x, m_x)) through aten ops, and the fused op with x_q, grad_multiplier=m and
+    x_grad_multiplier=m_x, give bit-identical outputs and gradients (same operations, same order; α = 2⁻³
+    makes α·m_x·dx round as m_x·(α·dx))."""
     x, w, b, gate, residual = _epilogue_operands(torch.float32, 12)
-    params, m = (x, w, b, gate, residual), 4.0
+    params, m, m_x = (x, w, b, gate, residual), 4.0, 0.3
     y_f = torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS, activation, gate, residual, **EPILOGUE,
-                                     x_q=torch.ops.munit.quantize(x, 1.0, "e4m3"), grad_multiplier=m)
-    z = torch.ops.munit.grad_scale(torch.ops.munit.fp8_linear(x, w, b, *LINEAR_ARGS), m)
+                                     x_q=torch.ops.munit.quantize(x, 1.0, "e4m3"), grad_multiplier=m,
+                                     x_grad_multiplier=m_x)
+    z = torch.ops.munit.grad_scale(torch.ops.munit.fp8_linear(torch.ops.munit.grad_scale(x, m_x), w, b,
+                                                              *LINEAR_ARGS), m)
     y_u = EPILOGUE["c_skip"] * residual + EPILOGUE["c_branch"] * ((F.relu(z) if activation == "relu" else z) * gate)
     dy = torch.randn(y_u.shape, generator=torch.Generator().manual_seed(13))
     assert torch.equal(y_f, y_u)

@@ -26,9 +26,9 @@ def _munit_decompositions() -> dict:
     from munit_compile.ops.formats import fp8_format
 
     def fp8_linear(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none",
-                   gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0, out_dtype=None,
-                   q_scale=None, q_format="e4m3"):
-        # grad_multiplier acts in backward only, which this decomposition derives from the forward it spells out
+                   gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0,
+                   x_grad_multiplier=1.0, out_dtype=None, q_scale=None, q_format="e4m3"):
+        # the grad multipliers act in backward only, which this decomposition derives from the forward it spells out
         return reference.fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
                                     reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
                                     residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q,

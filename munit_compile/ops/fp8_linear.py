@@ -78,15 +78,17 @@ def fp8_linear(
     c_branch: float = 1.0,
     x_q: torch.Tensor | None = None,
     grad_multiplier: float = 1.0,
+    x_grad_multiplier: float = 1.0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y[..., N] = c_skip·r + c_branch·act(α·(x[..., K] @ w[N, K]ᵀ + bias))·gate (r = 0 without a residual),
     static-scaled FP8 operands
     (x_q: x's FP8 copy, already cast); output in out_dtype (default x.dtype; autocast's dtype when the
     replaced GEMM ran under autocast), promoted with the residual's. Backward multiplies the gradient of the
-    pre-activation z by grad_multiplier (a folded `munit::grad_scale`) before its cast."""
+    pre-activation z by grad_multiplier before its cast, and x's gradient by x_grad_multiplier (each a
+    folded `munit::grad_scale`, on the output and on the input)."""
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                       residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+                       residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
     return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
                                      reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
                                      residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q)
@@ -94,9 +96,10 @@ def fp8_linear(
 
 @fp8_linear.register_fake
 def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none",
-                     gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0, out_dtype=None):
+                     gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0,
+                     x_grad_multiplier=1.0, out_dtype=None):
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                       residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+                       residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=reference.linear_out_dtype(x, residual, out_dtype))
 
 
@@ -118,6 +121,7 @@ def fp8_linear_q(
     c_branch: float = 1.0,
     x_q: torch.Tensor | None = None,
     grad_multiplier: float = 1.0,
+    x_grad_multiplier: float = 1.0,
     out_dtype: torch.dtype | None = None,
     q_scale: float = 1.0,
     q_format: str = "e4m3",
@@ -125,7 +129,7 @@ def fp8_linear_q(
     """(y, y_q): `fp8_linear`'s y, and y_q = sat(y·q_scale) in FP8 q_format from the same fp32 y, written by
     the same epilogue: the next GEMM's operand (`passes.fuse`'s gemm_fp8_output). y_q has no gradient."""
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                       residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+                       residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
     check_scale(q_scale, "munit::fp8_linear_q q_scale")
     return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
                                      reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
@@ -136,9 +140,9 @@ def fp8_linear_q(
 @fp8_linear_q.register_fake
 def _fp8_linear_q_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
                        activation="none", gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None,
-                       grad_multiplier=1.0, out_dtype=None, q_scale=1.0, q_format="e4m3"):
+                       grad_multiplier=1.0, x_grad_multiplier=1.0, out_dtype=None, q_scale=1.0, q_format="e4m3"):
     y = _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                         residual, c_skip, c_branch, x_q, grad_multiplier, out_dtype)
+                         residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
     check_scale(q_scale, "munit::fp8_linear_q q_scale")
     return y, y.new_empty(y.shape, dtype=fp8_format(q_format).dtype)
 
@@ -163,7 +167,9 @@ class _Epilogue:
 
 def _fp8_linear_setup_context(ctx, inputs, output):
     x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, *rest = inputs
-    alpha, activation, gate, residual, c_skip, c_branch, x_q, grad_multiplier, _ = (*rest, *_LINEAR_DEFAULTS[len(rest):])
+    alpha, activation, gate, residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, _ = (
+        *rest, *_LINEAR_DEFAULTS[len(rest):])
+    ctx.x_grad_multiplier = x_grad_multiplier
     ctx.epilogue = _Epilogue(alpha, activation, gate is not None, None if residual is None else residual.dtype,
                              c_skip, c_branch, grad_multiplier)
     # backward reads x only through its FP8 cast: with x_q given, that copy (1 byte/element) is what is saved
@@ -215,19 +221,21 @@ def _fp8_linear_backward(ctx, grad_y):
     alpha = ctx.epilogue.alpha
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _scaled(fp8_gemm(g2, w.t(), grad_scale, w_scale, grad_format, fwd_format, _acc(x_dtype, alpha)), alpha, x_dtype)
+        alpha_x = alpha * ctx.x_grad_multiplier
+        grad_x = _scaled(fp8_gemm(g2, w.t(), grad_scale, w_scale, grad_format, fwd_format, _acc(x_dtype, alpha_x)),
+                         alpha_x, x_dtype)
         grad_x = grad_x.reshape(x_shape)
     if ctx.needs_input_grad[1]:
         grad_w = _scaled(fp8_gemm(g2.t(), x2.t(), grad_scale, x_scale, grad_format, fwd_format, _acc(w.dtype, alpha)), alpha, w.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = (g2.to(torch.float32).sum(0) * alpha).to(ctx.bias_dtype)
     return (grad_x, grad_w, grad_b, None, None, None, None, None, None, None, grad_gate, grad_residual, None, None,
-            None, None, None)
+            None, None, None, None)
 
 
 # fp8_linear's arguments after grad_format, with their defaults: (alpha, activation, gate, residual, c_skip,
-# c_branch, x_q, grad_multiplier, out_dtype); `passes.fuse` reads the names from the op's schema
-_LINEAR_DEFAULTS = (1.0, "none", None, None, 1.0, 1.0, None, 1.0, None)
+# c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype); `passes.fuse` reads the names from the schema
+_LINEAR_DEFAULTS = (1.0, "none", None, None, 1.0, 1.0, None, 1.0, 1.0, None)
 
 # activation -> (dy, z) -> act′(z)·dy, both fp32: aten's own backward formulas, the ones autograd uses for
 # the unfused aten.gelu / aten.silu / aten.relu (so fused and unfused backward differ only by z's rounding)
@@ -270,7 +278,7 @@ def _check_gemm_args(a, b_t, a_scale, b_scale, a_format, b_format):
 
 def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
                        activation="none", gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None,
-                       grad_multiplier=1.0, out_dtype=None):
+                       grad_multiplier=1.0, x_grad_multiplier=1.0, out_dtype=None):
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(
             f"munit::fp8_linear needs x[..., K] and w[N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
@@ -297,7 +305,8 @@ def _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, gra
                              f"got {t.dtype} {tuple(t.shape)}")
     if residual is None and c_skip != 1.0:
         raise ValueError(f"munit::fp8_linear: c_skip={c_skip} weights a residual add; pass residual")
-    for name, c in (("c_skip", c_skip), ("c_branch", c_branch), ("grad_multiplier", grad_multiplier)):
+    for name, c in (("c_skip", c_skip), ("c_branch", c_branch), ("grad_multiplier", grad_multiplier),
+                    ("x_grad_multiplier", x_grad_multiplier)):
         if not (isinstance(c, float) and math.isfinite(c)):
             raise ValueError(f"munit::fp8_linear {name} must be a finite float, got {c!r}")
     if out_dtype is not None and out_dtype not in LINEAR_OUT_DTYPES:

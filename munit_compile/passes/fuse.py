@@ -17,6 +17,8 @@ The patterns (`FUSIONS`, tried in order at every node until none fires):
 - gemm_scale        fp8_linear · c           → c_branch·y (a constant output multiplier, μS's after GELU)
 - gemm_residual     c₁·r + c₂·fp8_linear     → residual epilogue (fixed-τ: c₁ = √(1−τ), c₂ = √τ)
 - fp8_input         every FP8 GEMM reading x → one `munit.quantize(x)` shared by them; backward saves it
+- input_grad_scale  grad_scale(x, c) read by FP8 GEMMs → their x_grad_multiplier (no forward copy of x)
+- output_grad_scale grad_scale(fp8_linear, c) → its grad_multiplier (when no epilogue op follows to absorb it)
 - gemm_fp8_output   quantize(fp8_linear)     → fp8_linear_q: the epilogue also writes the next GEMM's operand
 Each `match(node)` returns what its rewrite needs, or None to decline; a match needs the GEMM's output to
 have no other reader (fusing would have to write it too). Rewritten GEMMs keep their FP8 plan, and the
@@ -423,6 +425,62 @@ def _rewrite_gemm_activation_idiom(gm: fx.GraphModule, m: _GemmIdiom) -> None:
     _replace_with_linear(gm, m.epilogue, m.interior)
 
 
+# ---------------------------------------------------------------- input_grad_scale: grad_scale(x) read by GEMMs
+
+@dataclass(frozen=True)
+class _InputGradScale:
+    node: fx.Node                 # y = grad_scale(x, c)
+    readers: tuple[fx.Node, ...]  # FP8 GEMMs reading y as x, and quantize(y) nodes
+
+
+def _match_input_grad_scale(node: fx.Node) -> _InputGradScale | None:
+    """grad_scale(x, c) (identity forward: a copy, in an opaque op) read only as FP8 GEMMs' x and by
+    quantize: each GEMM reads x itself and scales its dx by c (x_grad_multiplier) instead."""
+    if node.op != "call_function" or node.target is not GRAD_SCALE or not node.users:
+        return None
+    readers = tuple(node.users)
+    for user in readers:
+        if user.target is QUANTIZE:
+            if user.args[0] is not node:
+                return None
+        elif not (is_fp8_gemm(user) and linear_args(user)["x"] is node
+                  and sum(a is node for a in (*user.args, *user.kwargs.values())) == 1):
+            return None
+    return _InputGradScale(node, readers)
+
+
+def _rewrite_input_grad_scale(gm: fx.GraphModule, m: _InputGradScale) -> None:
+    x, c = m.node.args
+    for user in m.readers:
+        if user.target is QUANTIZE:
+            user.replace_input_with(m.node, x)
+            continue
+        args = linear_args(user)
+        positional, keyword = _call_args({**args, "x": x, "x_grad_multiplier": args["x_grad_multiplier"] * float(c)})
+        user.args, user.kwargs = positional, {**keyword, **({k: args[k] for k in ("q_scale", "q_format")}
+                                                          if user.target is FP8_LINEAR_Q else {})}
+    gm.graph.erase_node(m.node)
+
+
+def _match_output_grad_scale(node: fx.Node) -> fx.Node | None:
+    """grad_scale(y, c) of an fp8_linear's y (its only reader; no gate or residual fused, whose gradients c
+    would scale too): the GEMM multiplies z's gradient by c itself (grad_multiplier)."""
+    if node.op != "call_function" or node.target is not GRAD_SCALE:
+        return None
+    gemm = node.args[0]
+    if not is_fp8_linear(gemm) or len(gemm.users) != 1:
+        return None
+    return node if _bare_epilogue({**linear_args(gemm), "c_branch": 1.0}, "gate") else None
+
+
+def _rewrite_output_grad_scale(gm: fx.GraphModule, node: fx.Node) -> None:
+    gemm, c = node.args
+    args = linear_args(gemm)
+    gemm.args, gemm.kwargs = _call_args({**args, "grad_multiplier": args["grad_multiplier"] * float(c)})
+    node.replace_all_uses_with(gemm)
+    gm.graph.erase_node(node)
+
+
 # ---------------------------------------------------------------- gemm_fp8_output: the next GEMM's cast
 
 @dataclass(frozen=True)
@@ -472,6 +530,8 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("gemm_scale", _match_gemm_scale, _rewrite_epilogue),
     Fusion("gemm_residual", _match_gemm_residual, _rewrite_epilogue),
     Fusion("fp8_input", _match_fp8_input, _rewrite_fp8_input),
+    Fusion("input_grad_scale", _match_input_grad_scale, _rewrite_input_grad_scale),
+    Fusion("output_grad_scale", _match_output_grad_scale, _rewrite_output_grad_scale),
     Fusion("gemm_fp8_output", _match_gemm_fp8_output, _rewrite_gemm_fp8_output),  # last: needs a final epilogue
 )
 
