@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -124,6 +125,10 @@ def training_step(config: dict, batch: int, seq: int, device: str, steps: int) -
         seconds = _time(step, device, steps)
         results[name] = {"first_step_s": first, "step_s": seconds, "tokens_per_s": batch * seq / seconds,
                          "parameters": sum(p.numel() for p in model.parameters())}
+        if name == "munit":  # what the step ran: FP8 GEMMs and the fusions (passes/fuse.py) in its graphs
+            reports = backend.reports
+            results[name]["gemms_fp8"] = sum(r.gemms_fp8 for r in reports)
+            results[name]["fusions"] = dict(sum((r.fusions for r in reports), Counter()))
         print(f"  step {name}: {results[name]['tokens_per_s']:.0f} tokens/s (first step {first:.0f} s)")
         del model, compiled, optimizer
         if device == "cuda":

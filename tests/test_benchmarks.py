@@ -74,6 +74,10 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
     assert result["gemms"] and all(r["munit_tflops"] > 0 for r in result["gemms"])
     step = result["training_step"]
     assert step["munit"]["tokens_per_s"] > 0 and step["inductor"]["tokens_per_s"] > 0
+    # the dry Llama (2 layers) ran fused: SwiGLU gate, residual adds, shared FP8 inputs, FP8 output for down
+    assert step["munit"]["gemms_fp8"] == 14
+    assert step["munit"]["fusions"] == {"fp8_input": 8, "gemm_activation": 2, "gemm_gate": 2, "gemm_residual": 4,
+                                        "gemm_fp8_output": 2}
     assert (tmp_path / "gpu.md").read_text().startswith("# gpu-check on ")
 
 
