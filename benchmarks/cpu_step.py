@@ -1,10 +1,12 @@
 """cpu-step: steady-state training-step time on CPU, munit vs eager vs Inductor, as ratios.
 
 One model (the quality benchmark's: built-in GPT, 4 layers, d 256, seq 128, batch 16, byte vocabulary),
-BF16 autocast, AdamW; a step = forward, backward, optimizer step. Three variants of the same model:
-eager, `torch.compile(backend="inductor")`, and `torch.compile(backend="munit")`, whose hidden GEMMs run
-the reference FP8 path (exact FP8 rounding emulated in fp32: this is what munit costs on a machine
-without FP8 hardware, not a speed claim). After warm-up, the variants take turns step by step and each
+BF16 autocast, AdamW; a step = forward, backward, optimizer step. Four variants of the same model:
+eager, `torch.compile(backend="inductor")`, and `torch.compile(backend="munit")` with and without the
+fusion pass (`Config(fuse=False)`), whose hidden GEMMs run the reference FP8 path (exact FP8 rounding
+emulated in fp32: this is what munit costs on a machine without FP8 hardware, not a speed claim; on CPU
+the fused backward's recomputed pre-activation is one more emulated GEMM, which a GPU epilogue makes
+cheap). After warm-up, the variants take turns step by step and each
 reports its median; only ratios measured in this one run are meaningful.
 """
 from __future__ import annotations
@@ -19,14 +21,15 @@ import munit_compile as munit
 from benchmarks.common import benchmark_parser, environment, record
 from munit_compile.models import GPT, GPTConfig
 
-VARIANTS = ("eager", "inductor", "munit")
+VARIANTS = ("eager", "inductor", "munit", "munit_unfused")
 
 
 def build(variant: str, config: GPTConfig):
     torch.manual_seed(0)
     model = GPT(config)
     runner = {"eager": lambda m: m, "inductor": lambda m: torch.compile(m, backend="inductor"),
-              "munit": lambda m: torch.compile(m, backend=munit.backend(munit.Config()))}[variant](model)
+              "munit": lambda m: torch.compile(m, backend=munit.backend(munit.Config())),
+              "munit_unfused": lambda m: torch.compile(m, backend=munit.backend(munit.Config(fuse=False)))}[variant](model)
     return runner, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
               "median_step_s": median,
               "ratios": {"munit_vs_eager": median["munit"] / median["eager"],
                          "munit_vs_inductor": median["munit"] / median["inductor"],
-                         "inductor_vs_eager": median["inductor"] / median["eager"]},
+                         "inductor_vs_eager": median["inductor"] / median["eager"],
+                         "munit_fused_vs_unfused": median["munit"] / median["munit_unfused"]},
               "steps": args.steps}
     for name, r in result["ratios"].items():
         print(f"  {name:18s} {r:.2f}× step time", file=sys.stderr)

@@ -159,8 +159,9 @@ def test_cpu_step_smoke_reports_ratios(tmp_path):
     assert cpu_step.main(["--smoke", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     median = result["median_step_s"]
-    assert set(median) == {"eager", "inductor", "munit"} and all(v > 0 for v in median.values())
+    assert set(median) == {"eager", "inductor", "munit", "munit_unfused"} and all(v > 0 for v in median.values())
     assert result["ratios"]["munit_vs_eager"] == pytest.approx(median["munit"] / median["eager"])
+    assert result["ratios"]["munit_fused_vs_unfused"] == pytest.approx(median["munit"] / median["munit_unfused"])
 
 
 def test_report_rewrites_only_its_section(tmp_path):

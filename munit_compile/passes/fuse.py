@@ -58,8 +58,8 @@ FP8_LINEAR = torch.ops.munit.fp8_linear.default
 FP8_LINEAR_Q = torch.ops.munit.fp8_linear_q.default  # also writes the next GEMM's FP8 operand (gemm_fp8_output)
 QUANTIZE = torch.ops.munit.quantize.default
 GRAD_SCALE = torch.ops.munit.grad_scale.default  # identity forward: transparent, its constant goes to grad_multiplier
-_SCHEMA = FP8_LINEAR._schema.arguments
-LINEAR_PARAMS = tuple(a.name for a in _SCHEMA)  # x, w, bias, x_scale, ..., alpha, activation, gate, ..., x_q
+_SCHEMA = FP8_LINEAR_Q._schema.arguments  # fp8_linear's, then q_scale and q_format
+LINEAR_PARAMS = tuple(a.name for a in _SCHEMA)  # x, w, bias, x_scale, ..., alpha, activation, gate, ..., x_q, ...
 LINEAR_DEFAULTS = {a.name: a.default_value for a in _SCHEMA if a.has_default_value()}
 _N_REQUIRED = len(LINEAR_PARAMS) - len(LINEAR_DEFAULTS)
 
@@ -90,9 +90,10 @@ def linear_args(node: fx.Node) -> dict[str, Any]:
 
 
 def _call_args(args: dict[str, Any]) -> tuple[tuple, dict]:
-    """(positional, keyword) for an fp8_linear call: the required arguments, then only non-defaults by name."""
+    """(positional, keyword) for an fp8_linear(_q) call: the required arguments, then only non-defaults by
+    name (an fp8_linear's args have no q_scale/q_format; an fp8_linear_q's keep theirs)."""
     required = tuple(args[n] for n in LINEAR_PARAMS[:_N_REQUIRED])
-    return required, {n: args[n] for n in LINEAR_PARAMS[_N_REQUIRED:] if not _is_default(n, args[n])}
+    return required, {n: args[n] for n in LINEAR_PARAMS[_N_REQUIRED:] if n in args and not _is_default(n, args[n])}
 
 
 def _is_default(name: str, value: Any) -> bool:
@@ -456,9 +457,7 @@ def _rewrite_input_grad_scale(gm: fx.GraphModule, m: _InputGradScale) -> None:
             user.replace_input_with(m.node, x)
             continue
         args = linear_args(user)
-        positional, keyword = _call_args({**args, "x": x, "x_grad_multiplier": args["x_grad_multiplier"] * float(c)})
-        user.args, user.kwargs = positional, {**keyword, **({k: args[k] for k in ("q_scale", "q_format")}
-                                                          if user.target is FP8_LINEAR_Q else {})}
+        user.args, user.kwargs = _call_args({**args, "x": x, "x_grad_multiplier": args["x_grad_multiplier"] * float(c)})
     gm.graph.erase_node(m.node)
 
 
@@ -505,9 +504,9 @@ def _match_gemm_fp8_output(node: fx.Node) -> _FP8Output | None:
 
 def _rewrite_gemm_fp8_output(gm: fx.GraphModule, m: _FP8Output) -> None:
     graph, (_, scale, fmt) = gm.graph, m.cast.args
-    positional, keyword = _call_args(linear_args(m.gemm))
+    positional, keyword = _call_args({**linear_args(m.gemm), "q_scale": scale, "q_format": fmt})
     with graph.inserting_before(m.gemm):
-        fused = graph.call_function(FP8_LINEAR_Q, positional, {**keyword, "q_scale": scale, "q_format": fmt})
+        fused = graph.call_function(FP8_LINEAR_Q, positional, keyword)
         y, y_q = (graph.call_function(operator.getitem, (fused, i)) for i in (0, 1))
     y_val = m.gemm.meta["val"]
     y_q_val = cast_fp8(y_val, fmt, scale)
