@@ -144,14 +144,25 @@ TRANSPARENT: dict[Any, Callable[[fx.Node], bool]] = {
 }
 
 
-def _epilogue_user(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
-    """(the op that reads node's value, the transparent single-reader ops passed on the way), or None."""
+def _is_transparent(node: fx.Node) -> bool:
+    """A forward-identity op on the way from a GEMM to what reads it (`TRANSPARENT`, or `grad_scale`)."""
+    return node.target is GRAD_SCALE or node.target in TRANSPARENT and TRANSPARENT[node.target](node)
+
+
+def _forward_chain(node: fx.Node) -> tuple[tuple[fx.Node, ...], fx.Node | None]:
+    """(the transparent single-reader ops after node, in order; the sole op reading the last of them, or
+    None where it has several readers or none)."""
     chain, user = [], _only_user(node)
-    while user is not None and (user.target is GRAD_SCALE or user.target in TRANSPARENT
-                                and TRANSPARENT[user.target](user)):
+    while user is not None and _is_transparent(user):
         chain.append(user)
         user = _only_user(user)
-    return (user, tuple(chain)) if user is not None else None
+    return tuple(chain), user
+
+
+def _epilogue_user(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """(the op that reads node's value, the transparent single-reader ops passed on the way), or None."""
+    chain, user = _forward_chain(node)
+    return (user, chain) if user is not None else None
 
 
 def _grad_multiplier(chain: tuple[fx.Node, ...]) -> float:
@@ -386,17 +397,6 @@ class _GemmIdiom:
     interior: frozenset       # the formula's other nodes, erased with it
 
 
-def _chain_to_value(node: fx.Node) -> tuple[fx.Node, ...]:
-    """The transparent single-reader ops after `node` (`TRANSPARENT`, `grad_scale`), in order."""
-    chain = []
-    while len(node.users) == 1:
-        (user,) = node.users
-        if not (user.target is GRAD_SCALE or user.target in TRANSPARENT and TRANSPARENT[user.target](user)):
-            break
-        chain.append(node := user)
-    return tuple(chain)
-
-
 def _descendants(x: fx.Node, levels: int) -> list[fx.Node]:
     """The nodes at most `levels` user-steps below x, in graph order."""
     found, frontier = set(), {x}
@@ -412,7 +412,7 @@ def _match_gemm_activation_idiom(node: fx.Node) -> _GemmIdiom | None:
     written-out activation (`idioms.IDIOMS`) ending in x's dtype."""
     if not is_fp8_linear(node) or not _bare_epilogue(linear_args(node), "activation"):
         return None
-    chain = _chain_to_value(node)
+    chain = _forward_chain(node)[0]
     x = chain[-1] if chain else node
     for root in reversed(_descendants(x, idioms.IDIOM_DEPTH)):
         m = idioms.match_activation_idiom(root)
@@ -494,8 +494,7 @@ def _match_gemm_fp8_output(node: fx.Node) -> _FP8Output | None:
     if node.op != "call_function" or node.target is not QUANTIZE:
         return None
     gemm = node.args[0]
-    while isinstance(gemm, fx.Node) and (gemm.target is GRAD_SCALE or gemm.target in TRANSPARENT
-                                         and TRANSPARENT[gemm.target](gemm)):
+    while isinstance(gemm, fx.Node) and _is_transparent(gemm):
         gemm = gemm.args[0]
     if not is_fp8_linear(gemm) or any(f.match(gemm) is not None for f in FUSIONS[:-1]):
         return None
