@@ -1,26 +1,25 @@
-"""`munit::fp8_linear` and `munit::fp8_gemm`: static-scaled FP8 GEMMs as torch custom ops.
+"""`munit::fp8_linear`, `munit::fp8_linear_q` and `munit::fp8_gemm`: static-scaled FP8 GEMMs as custom ops.
 
-Forward  z  = α·(q₄(x·s_x) @ q₄(W·s_w)ᵀ / (s_x·s_w) + b)         (E4M3 operands, fp32)
-         y  = act(z), rounded once to x.dtype                      (act: `epilogue.ACTIVATIONS`, default "none")
-Backward dz = act′(z)·dy                                           (fp32; dz = dy for "none")
-         dx = α·q₅(dz·s_g) @ q₄(W·s_w)    / (s_g·s_w)             (E5M2 grad, E4M3 weight)
-         dW = α·q₅(dz·s_g)ᵀ @ q₄(x·s_x)   / (s_g·s_x),  db = α·Σ_rows dz
-α is a static output multiplier (μS: 1/√fan_in), so dz, the gradient of the GEMM's output, is what is cast.
-All scales are static powers of two fixed at compile time; accumulation is fp32.
-The kernels come from `codegen.select.kernels_for`: Triton on CUDA, the exact reference elsewhere.
+Forward  z  = α·(q₄(x·s_x) @ q₄(W·s_w)ᵀ / (s_x·s_w) + b)         (E4M3 operands, fp32; x_q: q₄(x·s_x) given)
+         h  = act(z)·g                                         (act: `epilogue.ACTIVATIONS`; gate g optional)
+         y  = c_skip·r + c_branch·h, rounded once to out_dtype   (residual r optional; else y = c_branch·h)
+         fp8_linear_q also returns y_q = q(y·s_q) from the same fp32 y: the next GEMM's operand
+Backward dh = c_branch·dy,  dg = dh·act(z),  dr = c_skip·dy
+         dz = m·act′(z)·(dh·g)                                 (fp32; m = grad_multiplier)
+         dx = m_x·α·q₅(dz·s_g) @ q₄(W·s_w)    / (s_g·s_w)      (E5M2 grad, E4M3 weight; m_x = x_grad_multiplier)
+         dW = α·q₅(dz·s_g)ᵀ @ q₄(x·s_x)       / (s_g·s_x),  db = α·Σ_rows dz
+α is a static output multiplier (μS: 1/√fan_in), so dz, the gradient of the GEMM's output, is what is cast;
+m and m_x are folded `munit::grad_scale` constants (μS's unit backward). All scales are static powers of
+two fixed at compile time; accumulation is fp32. `passes.fuse` sets the epilogue arguments; the kernels
+come from `codegen.select.kernels_for`: Triton on CUDA, the exact reference elsewhere.
 
-The activation (`passes.fuse` folds `act(fp8_linear(...))` into it) is applied to the fp32 pre-activation
-in the GEMM's epilogue, so the output is rounded once instead of twice (z to x.dtype, then act(z)).
-Backward needs act′(z). The op RECOMPUTES z in backward (one more forward FP8 GEMM, from the x and W it
-saves anyway) rather than returning z as a second output to be saved:
-- memory: it saves x, W and the bias (N elements), nothing M×N. The unfused pair also saves z (the
-  activation's input, M×N in x.dtype): fused saves M·N elements less per fused GEMM (a 4× MLP's up
-  projection: 4·d_model per token per layer). Measured with saved-tensor hooks under aot_eager, tiny GPT
-  (d 64, 2 layers, 4×64 tokens, fp32): 2.53 MB saved fused vs 3.05 MB unfused, the 2 × 256·256·4 B of z
-  less 2 × 1 KB of bias. (Inductor's min-cut partitioner may instead save z and recompute y = act(z) for
-  the next GEMM; then both save one M×N tensor and fusion removes the activation kernel and a rounding.)
-- exactness: act′ is evaluated at the exact fp32 z the forward used, not at a copy rounded to x.dtype,
-  and the op keeps one output, so every existing call, fake and graph stays valid.
+Saved for backward: q₄(x·s_x) (x_q when given: 1 byte per element instead of x), W, the bias and the gate.
+With an activation or a gate, backward RECOMPUTES z (one more forward FP8 GEMM from the saved copy)
+rather than returning z as a second output to be saved:
+- memory: nothing M×N is saved; the unfused pair also saves z (the activation's input, M×N): a 4× MLP's
+  up projection saves 4·d_model per token per layer less. (Inductor's min-cut partitioner may instead
+  save z and recompute act(z); then fusion still removes the activation kernel and a rounding.)
+- exactness: act′ is evaluated at the exact fp32 z the forward used, not at a copy rounded to x.dtype.
 - cost: the forward GEMM runs again in backward (4 GEMMs instead of 3 for that layer), in FP8.
 """
 from __future__ import annotations
