@@ -625,7 +625,7 @@ def test_gpt2_fused_gelu_tanh_vs_the_written_out_formula(mode, request):
     if mode.endswith("cuda_pow"):
         request.getfixturevalue("cuda_autocast_pow")
     ((unfused, inputs, _),) = _planned(gpt2().to(dtype), _lm_step, _ids(), autocast, fuse=False)
-    targets = [m.epilogue for m in map(fuse_pass._match_gemm_activation_idiom, unfused.graph.nodes) if m is not None]
+    targets = [m for m in map(fuse_pass._match_gemm_activation_idiom, unfused.graph.nodes) if m is not None]
     assert len(targets) == 2 and {m.changes["activation"] for m in targets} == {"gelu_tanh"}
     ids = _ids(seed=11)  # fresh data
     rec = _Recorder(unfused, {n for m in targets for n in (m.gemm, m.root)})

@@ -159,12 +159,6 @@ def _forward_chain(node: fx.Node) -> tuple[tuple[fx.Node, ...], fx.Node | None]:
     return tuple(chain), user
 
 
-def _epilogue_user(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
-    """(the op that reads node's value, the transparent single-reader ops passed on the way), or None."""
-    chain, user = _forward_chain(node)
-    return (user, chain) if user is not None else None
-
-
 def _grad_multiplier(chain: tuple[fx.Node, ...]) -> float:
     """The product of the `munit::grad_scale` constants in a chain (what z's gradient is multiplied by)."""
     return math.prod(float(n.args[1]) for n in chain if n.target is GRAD_SCALE)
@@ -180,10 +174,10 @@ def _same_tensor_type(a: Any, b: Any) -> bool:
             and va.dtype == vb.dtype)
 
 
-def _replace_with_linear(gm: fx.GraphModule, m: "_Epilogue", interior: frozenset = frozenset()) -> fx.Node:
+def _replace_with_linear(gm: fx.GraphModule, m: "_EpilogueMatch") -> fx.Node:
     """Put fp8_linear(gemm's arguments + m.changes) where the epilogue op (root) is: it takes root's value
-    and users and keeps gemm's FP8 plan; root, the `interior` nodes between it and the chain, the
-    transparent chain and gemm are erased. A chain that regrouped rows is applied to x (and x_q) instead:
+    and users and keeps gemm's FP8 plan; root, the interior nodes it folds, the transparent chain and gemm
+    are erased. A chain that regrouped rows is applied to x (and x_q) instead:
     fp8_linear works row by row."""
     args = {**linear_args(m.gemm), **m.changes}
     args["grad_multiplier"] *= _grad_multiplier(m.chain)
@@ -199,8 +193,14 @@ def _replace_with_linear(gm: fx.GraphModule, m: "_Epilogue", interior: frozenset
     if META_PLAN in m.gemm.meta:
         fused.meta[META_PLAN] = m.gemm.meta[META_PLAN]
     m.root.replace_all_uses_with(fused)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in (m.root, *sorted(interior, key=order.__getitem__, reverse=True), *reversed(m.chain), m.gemm):
+    gm.graph.erase_node(m.root)
+    pending = set(m.interior)
+    while pending:  # readers before what they read
+        unread = {n for n in pending if not n.users}
+        for node in unread:
+            gm.graph.erase_node(node)
+        pending -= unread
+    for node in (*reversed(m.chain), m.gemm):
         gm.graph.erase_node(node)
     return fused
 
@@ -227,11 +227,12 @@ ACTIVATION_OPS: dict[Any, Callable[[fx.Node], str | None]] = {
 
 
 @dataclass(frozen=True)
-class _Epilogue:
+class _EpilogueMatch:
     gemm: fx.Node
     root: fx.Node                 # the epilogue op the fused GEMM replaces
     changes: dict[str, Any]       # fp8_linear arguments the fused op sets
     chain: tuple[fx.Node, ...]    # transparent ops between gemm and root (`TRANSPARENT`)
+    interior: frozenset = frozenset()  # other nodes read only by root, folded too (a formula, mul(skip, c))
 
 
 def _bare_epilogue(args: dict[str, Any], *steps: str) -> bool:
@@ -245,14 +246,15 @@ def _bare_epilogue(args: dict[str, Any], *steps: str) -> bool:
 def _reader(node: fx.Node) -> tuple[fx.Node, fx.Node, tuple[fx.Node, ...]] | None:
     """For an FP8 GEMM node: (its epilogue op, the value that op reads, the transparent chain between).
     A `grad_scale` in the chain scales z's gradient only while nothing is fused yet (it sits right after z)."""
-    found = _epilogue_user(node) if is_fp8_linear(node) else None
-    if found is None or (_grad_multiplier(found[1]) != 1.0
-                         and not _bare_epilogue(linear_args(node), "activation")):
+    if not is_fp8_linear(node):
         return None
-    return found[0], found[1][-1] if found[1] else node, found[1]
+    chain, user = _forward_chain(node)
+    if user is None or (_grad_multiplier(chain) != 1.0 and not _bare_epilogue(linear_args(node), "activation")):
+        return None
+    return user, chain[-1] if chain else node, chain
 
 
-def _match_gemm_activation(node: fx.Node) -> _Epilogue | None:
+def _match_gemm_activation(node: fx.Node) -> _EpilogueMatch | None:
     """An fp8_linear with a bare epilogue whose only reader is an activation of its output, same dtype."""
     found = _reader(node)
     if found is None or not _bare_epilogue(linear_args(node), "activation"):
@@ -264,12 +266,12 @@ def _match_gemm_activation(node: fx.Node) -> _Epilogue | None:
     activation = name_of(user)
     if activation is None or not _same_tensor_type(user, value):
         return None
-    return _Epilogue(node, user, {"activation": activation}, chain)
+    return _EpilogueMatch(node, user, {"activation": activation}, chain)
 
 
 # ---------------------------------------------------------------- gemm_gate: fp8_linear · t
 
-def _match_gemm_gate(node: fx.Node) -> _Epilogue | None:
+def _match_gemm_gate(node: fx.Node) -> _EpilogueMatch | None:
     """fp8_linear (no gate or residual yet) times a tensor of its shape and dtype, its only reader; of two
     FP8 GEMM factors, the one with the activation."""
     found = _reader(node)
@@ -283,7 +285,7 @@ def _match_gemm_gate(node: fx.Node) -> _Epilogue | None:
         return None
     if _has_activation(other) and not _has_activation(node):
         return None  # SwiGLU: the factor with the activation takes the other as its gate (it matches itself)
-    return _Epilogue(node, user, {"gate": other}, chain)
+    return _EpilogueMatch(node, user, {"gate": other}, chain)
 
 
 def _has_activation(node: Any) -> bool:
@@ -296,7 +298,7 @@ def _constant(value: Any) -> float | None:
     return float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
 
 
-def _match_gemm_scale(node: fx.Node) -> _Epilogue | None:
+def _match_gemm_scale(node: fx.Node) -> _EpilogueMatch | None:
     """fp8_linear (no residual yet) times a Python constant, its only reader: c_branch ← c_branch·c
     (μS's output multipliers after an activation)."""
     found = _reader(node)
@@ -308,7 +310,7 @@ def _match_gemm_scale(node: fx.Node) -> _Epilogue | None:
     (c,) = [_constant(a) for a in user.args if a is not value] or (None,)
     if c is None or not math.isfinite(c) or not _same_tensor_type(user, value):
         return None
-    return _Epilogue(node, user, {"c_branch": linear_args(node)["c_branch"] * c}, chain)
+    return _EpilogueMatch(node, user, {"c_branch": linear_args(node)["c_branch"] * c}, chain)
 
 
 # ---------------------------------------------------------------- gemm_residual: c₁·r + c₂·fp8_linear
@@ -323,7 +325,7 @@ def _skip_and_coefficient(r: fx.Node) -> tuple[fx.Node, float]:
     return r, 1.0
 
 
-def _match_gemm_residual(node: fx.Node) -> _Epilogue | None:
+def _match_gemm_residual(node: fx.Node) -> _EpilogueMatch | None:
     """add(r, fp8_linear, alpha=c) or add(fp8_linear, r, alpha=c), r of the output's shape, its only reader."""
     found = _reader(node)
     if found is None or not _bare_epilogue(linear_args(node), "residual"):
@@ -346,15 +348,12 @@ def _match_gemm_residual(node: fx.Node) -> _Epilogue | None:
     skip, c = _skip_and_coefficient(r)
     c_skip, c_branch = (c, float(alpha)) if b is value else (c * float(alpha), 1.0)  # add(a, b) = a + alpha·b
     c_branch *= linear_args(node)["c_branch"]  # a constant output multiplier folded before (gemm_scale)
-    return _Epilogue(node, user, {"residual": skip, "c_skip": c_skip, "c_branch": c_branch}, chain)
+    return _EpilogueMatch(node, user, {"residual": skip, "c_skip": c_skip, "c_branch": c_branch}, chain,
+                          frozenset() if skip is r else frozenset({r}))  # the mul(skip, c) folded into c_skip
 
 
-def _rewrite_epilogue(gm: fx.GraphModule, m: _Epilogue) -> None:
-    scaled_skip = next((a for a in m.root.args if isinstance(a, fx.Node) and a is not m.gemm
-                        and a not in m.chain), None)
+def _rewrite_epilogue(gm: fx.GraphModule, m: _EpilogueMatch) -> None:
     _replace_with_linear(gm, m)
-    if "residual" in m.changes and scaled_skip is not m.changes["residual"] and not scaled_skip.users:
-        gm.graph.erase_node(scaled_skip)  # the mul(skip, c) folded into c_skip
 
 
 # ---------------------------------------------------------------- fp8_input: one shared, saved FP8 copy of x
@@ -375,9 +374,9 @@ def _match_fp8_input(node: fx.Node) -> _SharedInput | None:
     if args["x_q"] is not None or not isinstance(_val(args["x"]), torch.Tensor):
         return None
     key = (args["x"], args["x_scale"], args["fwd_format"])
-    readers = [u for u in args["x"].users if is_fp8_linear(u) and linear_args(u)["x_q"] is None
-               and (linear_args(u)["x"], linear_args(u)["x_scale"], linear_args(u)["fwd_format"]) == key]
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    same_cast = lambda a: a["x_q"] is None and (a["x"], a["x_scale"], a["fwd_format"]) == key  # noqa: E731
+    readers = [u for u in args["x"].users if is_fp8_linear(u) and same_cast(linear_args(u))]
+    order = {n: i for i, n in enumerate(node.graph.nodes)}  # only where the pattern fires: once per input
     return _SharedInput(*key, tuple(sorted(readers, key=order.__getitem__)))
 
 
@@ -391,39 +390,29 @@ def _rewrite_fp8_input(gm: fx.GraphModule, m: _SharedInput) -> None:
 
 # ---------------------------------------------------------------- gemm_activation_idiom: a written-out activation
 
-@dataclass(frozen=True)
-class _GemmIdiom:
-    epilogue: _Epilogue       # root: the formula's last node (its value is act(x)); chain: GEMM → x
-    interior: frozenset       # the formula's other nodes, erased with it
-
-
-def _descendants(x: fx.Node, levels: int) -> list[fx.Node]:
-    """The nodes at most `levels` user-steps below x, in graph order."""
+def _descendants(x: fx.Node, levels: int) -> set[fx.Node]:
+    """The nodes at most `levels` user-steps below x."""
     found, frontier = set(), {x}
     for _ in range(levels):
         frontier = {u for n in frontier for u in n.users} - found
         found |= frontier
-    order = {n: i for i, n in enumerate(x.graph.nodes)}
-    return sorted(found, key=order.__getitem__)
+    return found
 
 
-def _match_gemm_activation_idiom(node: fx.Node) -> _GemmIdiom | None:
+def _match_gemm_activation_idiom(node: fx.Node) -> _EpilogueMatch | None:
     """An fp8_linear with a bare epilogue whose output x (through transparent ops) is read only by a
-    written-out activation (`idioms.IDIOMS`) ending in x's dtype."""
+    written-out activation (`idioms.IDIOMS`) ending in x's dtype; of nested matches, the largest formula."""
     if not is_fp8_linear(node) or not _bare_epilogue(linear_args(node), "activation"):
         return None
     chain = _forward_chain(node)[0]
     x = chain[-1] if chain else node
-    for root in reversed(_descendants(x, idioms.IDIOM_DEPTH)):
-        m = idioms.match_activation_idiom(root)
-        if m is None or m[1] is not x or not set(x.users) <= m[2] or not _same_tensor_type(root, x):
-            continue
-        return _GemmIdiom(_Epilogue(node, root, {"activation": m[0]}, chain), frozenset(m[2] - {root}))
-    return None
-
-
-def _rewrite_gemm_activation_idiom(gm: fx.GraphModule, m: _GemmIdiom) -> None:
-    _replace_with_linear(gm, m.epilogue, m.interior)
+    matches = [(root, m) for root in _descendants(x, idioms.IDIOM_DEPTH)
+               if (m := idioms.match_activation_idiom(root)) is not None and m[1] is x and set(x.users) <= m[2]
+               and _same_tensor_type(root, x)]
+    if not matches:
+        return None
+    root, (activation, _, formula) = max(matches, key=lambda rm: len(rm[1][2]))
+    return _EpilogueMatch(node, root, {"activation": activation}, chain, frozenset(formula - {root}))
 
 
 # ---------------------------------------------------------------- input_grad_scale: grad_scale(x) read by GEMMs
@@ -523,7 +512,7 @@ def _rewrite_gemm_fp8_output(gm: fx.GraphModule, m: _FP8Output) -> None:
 
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("gemm_activation", _match_gemm_activation, _rewrite_epilogue),
-    Fusion("gemm_activation_idiom", _match_gemm_activation_idiom, _rewrite_gemm_activation_idiom),
+    Fusion("gemm_activation_idiom", _match_gemm_activation_idiom, _rewrite_epilogue),
     Fusion("gemm_gate", _match_gemm_gate, _rewrite_epilogue),
     Fusion("gemm_scale", _match_gemm_scale, _rewrite_epilogue),
     Fusion("gemm_residual", _match_gemm_residual, _rewrite_epilogue),
