@@ -24,6 +24,7 @@ def _munit_decompositions() -> dict:
     import munit_compile.ops  # noqa: F401  (registers the ops)
     from munit_compile.codegen import reference
     from munit_compile.ops.formats import fp8_format
+    from munit_compile.ops.fp8_linear import bind_q_args
 
     def fp8_linear(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0, activation="none",
                    gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None, grad_multiplier=1.0,
@@ -35,9 +36,9 @@ def _munit_decompositions() -> dict:
                                     q_dtype=None if q_scale is None else fp8_format(q_format).dtype,
                                     q_scale=1.0 if q_scale is None else q_scale)
 
-    def fp8_linear_q(*args, **kwargs):  # (y, y_q): q_scale defaults to 1.0 here, as in the op's schema
-        names = [a.name for a in torch.ops.munit.fp8_linear_q.default._schema.arguments]
-        return fp8_linear(**{"q_scale": 1.0, **dict(zip(names, args)), **kwargs})
+    def fp8_linear_q(*args, **kwargs):  # (y, y_q)
+        *linear, q_scale, q_format = bind_q_args(args, kwargs)
+        return fp8_linear(*linear, q_scale=q_scale, q_format=q_format)
 
     return {
         torch.ops.munit.fp8_linear.default: fp8_linear,

@@ -81,16 +81,23 @@ def fp8_linear(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y[..., N] = c_skip·r + c_branch·act(α·(x[..., K] @ w[N, K]ᵀ + bias))·gate (r = 0 without a residual),
-    static-scaled FP8 operands
-    (x_q: x's FP8 copy, already cast); output in out_dtype (default x.dtype; autocast's dtype when the
-    replaced GEMM ran under autocast), promoted with the residual's. Backward multiplies the gradient of the
-    pre-activation z by grad_multiplier before its cast, and x's gradient by x_grad_multiplier (each a
-    folded `munit::grad_scale`, on the output and on the input)."""
+    static-scaled FP8 operands (x_q: x's FP8 copy, already cast); output in out_dtype (default x.dtype;
+    autocast's dtype when the replaced GEMM ran under autocast), promoted with the residual's. Backward
+    multiplies the gradient of the pre-activation z by grad_multiplier before its cast, and x's gradient by
+    x_grad_multiplier (each a folded `munit::grad_scale`, on the output and on the input)."""
+    return _forward(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
+                    residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
+
+
+def _forward(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate, residual,
+             c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype, q_dtype=None, q_scale=1.0):
+    """fp8_linear's forward (with q_dtype: fp8_linear_q's (y, y_q)) on the kernels for x's device."""
     _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
                        residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
     return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
                                      reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
-                                     residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q)
+                                     residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q,
+                                     q_dtype=q_dtype, q_scale=q_scale)
 
 
 @fp8_linear.register_fake
@@ -102,46 +109,33 @@ def _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=reference.linear_out_dtype(x, residual, out_dtype))
 
 
-@torch.library.custom_op("munit::fp8_linear_q", mutates_args=())
-def fp8_linear_q(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    x_scale: float,
-    w_scale: float,
-    grad_scale: float,
-    fwd_format: str,
-    grad_format: str,
-    alpha: float = 1.0,
-    activation: str = "none",
-    gate: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    c_skip: float = 1.0,
-    c_branch: float = 1.0,
-    x_q: torch.Tensor | None = None,
-    grad_multiplier: float = 1.0,
-    x_grad_multiplier: float = 1.0,
-    out_dtype: torch.dtype | None = None,
-    q_scale: float = 1.0,
-    q_format: str = "e4m3",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, y_q): `fp8_linear`'s y, and y_q = sat(y·q_scale) in FP8 q_format from the same fp32 y, written by
-    the same epilogue: the next GEMM's operand (`passes.fuse`'s gemm_fp8_output). y_q has no gradient."""
-    _check_linear_args(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                       residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
+def _with_fp8_copy_schema(schema: str) -> str:
+    """fp8_linear's schema with q_scale and q_format appended and (y, y_q) returned: the two ops can't drift."""
+    arguments = schema[schema.index("(") + 1:schema.rindex(") -> ")]
+    return f'({arguments}, float q_scale=1., str q_format="e4m3") -> (Tensor, Tensor)'
+
+
+def bind_q_args(args: tuple, kwargs: dict) -> list:
+    """fp8_linear_q's arguments in schema order, defaults filled in (its kernel takes *args, **kwargs)."""
+    schema = torch.ops.munit.fp8_linear_q.default._schema.arguments
+    return [args[i] if i < len(args) else kwargs.get(a.name, a.default_value) for i, a in enumerate(schema)]
+
+
+@torch.library.custom_op("munit::fp8_linear_q", mutates_args=(),
+                         schema=_with_fp8_copy_schema(str(torch.ops.munit.fp8_linear.default._schema)))
+def fp8_linear_q(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_linear's arguments, then q_scale, q_format -> (y, y_q): `fp8_linear`'s y, and y_q = sat(y·q_scale)
+    in FP8 q_format from the same fp32 y, written by the same epilogue: the next GEMM's operand
+    (`passes.fuse`'s gemm_fp8_output). y_q has no gradient."""
+    *linear, q_scale, q_format = bind_q_args(args, kwargs)
     check_scale(q_scale, "munit::fp8_linear_q q_scale")
-    return kernels_for(x).fp8_linear(x, w, bias, x_scale, w_scale, fwd_format, alpha, activation,
-                                     reference.linear_out_dtype(x, residual, out_dtype), gate=gate,
-                                     residual=residual, c_skip=c_skip, c_branch=c_branch, x_q=x_q,
-                                     q_dtype=fp8_format(q_format).dtype, q_scale=q_scale)
+    return _forward(*linear, q_dtype=fp8_format(q_format).dtype, q_scale=q_scale)
 
 
 @fp8_linear_q.register_fake
-def _fp8_linear_q_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha=1.0,
-                       activation="none", gate=None, residual=None, c_skip=1.0, c_branch=1.0, x_q=None,
-                       grad_multiplier=1.0, x_grad_multiplier=1.0, out_dtype=None, q_scale=1.0, q_format="e4m3"):
-    y = _fp8_linear_fake(x, w, bias, x_scale, w_scale, grad_scale, fwd_format, grad_format, alpha, activation, gate,
-                         residual, c_skip, c_branch, x_q, grad_multiplier, x_grad_multiplier, out_dtype)
+def _fp8_linear_q_fake(*args, **kwargs):
+    *linear, q_scale, q_format = bind_q_args(args, kwargs)
+    y = _fp8_linear_fake(*linear)
     check_scale(q_scale, "munit::fp8_linear_q q_scale")
     return y, y.new_empty(y.shape, dtype=fp8_format(q_format).dtype)
 
