@@ -4,6 +4,8 @@ Each function states the math it computes; the Triton kernels must agree with th
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from munit_compile.codegen import epilogue
@@ -18,13 +20,18 @@ def fp8_gemm(
     a_format: str,
     b_format: str,
     out_dtype: torch.dtype,
+    *,
+    cast: Callable | None = None,
+    gemm: Callable | None = None,
 ) -> torch.Tensor:
     """out[M,N] = (q(a·s_a) @ q(b_t·s_b)ᵀ) / (s_a·s_b), fp32 accumulation, rounded once to out_dtype.
 
     a is [M,K], b_t is [N,K] ("TN": both K-major, as Hopper FP8 wgmma wants), q() the saturating FP8 cast.
+    cast(t, fmt, s) and gemm default to `quantized` and `scaled_mm`; the Triton path passes its kernels.
     """
-    return scaled_mm(quantized(a, a_format, a_scale), quantized(b_t, b_format, b_scale), 1.0 / (a_scale * b_scale),
-                     out_dtype=out_dtype)
+    cast, gemm = cast or quantized, gemm or scaled_mm
+    return gemm(cast(a, a_format, a_scale), cast(b_t, b_format, b_scale), 1.0 / (a_scale * b_scale),
+                out_dtype=out_dtype)
 
 
 def quantized(t: torch.Tensor, fmt: str, scale: float) -> torch.Tensor:
@@ -85,16 +92,20 @@ def fp8_linear(
     x_q: torch.Tensor | None = None,
     q_dtype: torch.dtype | None = None,
     q_scale: float = 1.0,
+    cast: Callable | None = None,
+    gemm: Callable | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = c_skip·r + c_branch·act(α·(q(x·s_x) @ q(w·s_w)ᵀ / (s_x·s_w) + bias))·gate: fp32 accumulate, every
     epilogue step in fp32 (`epilogue.apply`), rounded once to out_dtype (default `linear_out_dtype`).
     x_q, if given, is q(x·s_x) already cast (FP8): the GEMM reads it instead of casting x. With q_dtype it
-    returns (y, sat(y·q_scale) in q_dtype from the same fp32 y)."""
+    returns (y, sat(y·q_scale) in q_dtype from the same fp32 y). cast(t, fmt, s) and gemm (`scaled_mm`'s
+    signature) default to this module's; the Triton path passes its kernels (`codegen.triton.linear`)."""
+    cast, gemm = cast or quantized, gemm or scaled_mm
     x2 = (x_q if x_q is not None else x).reshape(-1, x.shape[-1])
-    out = scaled_mm(quantized(x2, fwd_format, x_scale), cast_fp8(w, fwd_format, w_scale), 1.0 / (x_scale * w_scale),
-                    bias, alpha, out_dtype=linear_out_dtype(x, residual) if out_dtype is None else out_dtype,
-                    activation=activation, gate=rows(gate), residual=rows(residual),
-                    c_skip=c_skip, c_branch=c_branch, q_dtype=q_dtype, q_scale=q_scale)
+    out = gemm(cast(x2, fwd_format, x_scale), cast(w, fwd_format, w_scale), 1.0 / (x_scale * w_scale),
+               bias, alpha, out_dtype=linear_out_dtype(x, residual) if out_dtype is None else out_dtype,
+               activation=activation, gate=rows(gate), residual=rows(residual),
+               c_skip=c_skip, c_branch=c_branch, q_dtype=q_dtype, q_scale=q_scale)
     shape = (*x.shape[:-1], w.shape[0])
     return tuple(t.reshape(shape) for t in out) if q_dtype is not None else out.reshape(shape)
 
